@@ -10,4 +10,4 @@ class CheckpointConfig:
     keep: int = 2
     """Number of newest checkpoints kept on disk."""
     resume: str = "auto"
-    """auto (newest good checkpoint in the run directory, if any) | never | PATH of a step_N directory."""
+    """auto (newest good checkpoint in run_dir, if any) | never (refuses a used run_dir) | PATH of a step_N dir."""

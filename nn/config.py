@@ -14,15 +14,15 @@ class ModelConfig:
     n_heads: int = 0
     """Attention (query) heads; 0 takes the preset's."""
     n_kv_heads: int = 0
-    """Key/value heads for grouped-query attention; 0 means as many as n_heads."""
+    """Key/value heads for grouped-query attention; 0 takes the preset's (as many as n_heads for the LLaMA presets)."""
     intermediate_size: int = 0
     """SwiGLU hidden size; 0 takes the preset's."""
     vocab_size: int = 0
-    """Vocabulary size; 0 takes the tokenizer's."""
+    """Vocabulary size (at least the tokenizer's); 0 takes the tokenizer's."""
     max_seq_len: int = 0
-    """Longest sequence (RoPE table); 0 takes data.seq_len."""
+    """Longest sequence (RoPE table), at least data.seq_len; 0 takes data.seq_len."""
     norm: str = "pre"
-    """Layer-norm placement: pre | post | peri (Peri-LN: x + Norm(F(Norm(x))))."""
+    """Layer-norm placement: pre (x + F(Norm(x))) | post (Norm(x + F(x))) | peri (x + Norm(F(Norm(x))))."""
     embed_norm: bool = False
     """Normalise the token embeddings (Peri-LN's optional embedding norm)."""
     tie_embeddings: bool = False

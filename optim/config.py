@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass, field
 
+# Attention and MLP blocks in leantrain's names (attention, feed_forward) and Hugging Face's (self_attn, mlp).
+DEFAULT_TARGET_MODULES = ("attention", "attn", "feed_forward", "mlp")
+
 
 @dataclass
 class OptimConfig:
@@ -23,3 +26,27 @@ class OptimConfig:
     """Final LR as a fraction of the peak (cosine and wsd)."""
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final decay."""
+    rank: int = 128
+    """galore, natural_galore: dimension of each projected gradient (capped at the matrix's smaller side)."""
+    update_proj_gap: int = 200
+    """galore, natural_galore: steps between refreshes of a matrix's projection subspace."""
+    scale: float = 0.25
+    """galore, natural_galore: multiplier of the update projected back to the full space."""
+    proj_type: str = "std"
+    """galore, natural_galore: projected side: std | reverse_std | left | right | full."""
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """galore, natural_galore: regexes; 2-D nn.Linear weights of modules whose name matches one are projected."""
+    svd: str = "exact"
+    """galore, natural_galore: subspace refresh: exact (full SVD, as galore-torch) | randomized (range finder)."""
+    switch: str = "keep"
+    """galore, natural_galore: Adam moments at a subspace change: keep | reset | rotate (into the new basis)."""
+    stagger: bool | int = False
+    """galore, natural_galore: spread refreshes over the gap: true (one matrix after another) or N waves."""
+    history: int = 0
+    """natural_galore: gradients in the Fisher (s); 0 = per matrix the most (<= 20) keeping state below AdamW's."""
+    damping: float = 1e-3
+    """natural_galore: damping lambda added to the empirical Fisher."""
+    layerwise: bool = False
+    """Step each parameter inside backward once its gradient is complete, freeing gradients early."""
+    layerwise_clip: float = 0.0
+    """layerwise: clip each parameter's gradient norm to this (global clipping is impossible); 0 disables."""

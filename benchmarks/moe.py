@@ -1,0 +1,200 @@
+"""MoE layer throughput against HF's MixtralSparseMoeBlock, and the cost of global balancing.
+
+    python benchmarks/moe.py
+    python benchmarks/moe.py --tokens 4096 --dim 512 --intermediate 1408 --experts 8 --top-k 2
+
+Part 1, one process: forward+backward tokens/s of our MoELayer (each dispatch implementation)
+and of HF's block under each of its experts implementations, with the same weights, in fp32 and
+bf16 (parameters and activations), plus ours under bf16 autocast with fp32 parameters. The
+experts' matmul FLOP/s (18 * top_k * dim * intermediate per token, forward and backward) is
+quoted as a fraction of the peak of a plain square matmul measured in the same run. Runs are
+interleaved and the best of ``--repeats`` is kept, so other load on the machine biases every
+row alike.
+
+Part 2, two processes (gloo): the step time of a small MoE model trained with ``micro`` and with
+``global`` balancing, alternating every step on the same model so that both see the same load.
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from copy import deepcopy
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from leantrain.moe.balance import BalanceCollector
+from leantrain.moe.config import MoEConfig
+from leantrain.moe.layer import MoELayer
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def hf_block(layer: MoELayer, impl: str):
+    """HF's MixtralSparseMoeBlock with the weights of ``layer`` and the given experts implementation.
+
+    ``grouped_mm_fallback`` is HF's grouped_mm path with its torch._grouped_mm check forced off:
+    the custom-op loop HF falls back to where torch._grouped_mm cannot run.
+    """
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    e, d, h2 = layer.experts.gate_up.shape
+    config = MixtralConfig(hidden_size=d, intermediate_size=h2 // 2, num_local_experts=e,
+                           num_experts_per_tok=layer.top_k, router_jitter_noise=0.0)
+    config._experts_implementation = "grouped_mm" if impl == "grouped_mm_fallback" else impl
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.gate.weight)
+        block.experts.gate_up_proj.copy_(layer.experts.gate_up.transpose(1, 2))
+        block.experts.down_proj.copy_(layer.experts.down.transpose(1, 2))
+    return block
+
+
+@contextlib.contextmanager
+def _forced_fallback():
+    """Within the context, HF's grouped_mm experts take their loop fallback instead of torch._grouped_mm."""
+    import transformers.integrations.moe as hf_moe
+    saved = hf_moe._can_use_grouped_mm
+    hf_moe._can_use_grouped_mm = lambda *args: False
+    try:
+        yield
+    finally:
+        hf_moe._can_use_grouped_mm = saved
+
+
+def layer_throughput(args) -> None:
+    torch.manual_seed(0)
+    tokens = args.tokens
+    seq = min(tokens, 1024)
+    flops = 18 * args.top_k * args.dim * args.intermediate * tokens
+    print(f"\n# Part 1: forward+backward of one MoE layer: {tokens} tokens, dim {args.dim}, intermediate "
+          f"{args.intermediate}, {args.experts} experts, top-{args.top_k}, {torch.get_num_threads()} threads")
+    base = MoELayer(args.dim, args.intermediate, MoEConfig(num_experts=args.experts, top_k=args.top_k))
+    x = torch.randn(tokens // seq, seq, args.dim)
+    for dtype_name in args.dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        square = torch.randn(args.peak_size, args.peak_size, dtype=dtype)
+        peak_time = float("inf")
+        cases = {}
+        for impl in ("grouped_mm", "loop"):
+            cases[f"leantrain {impl}"] = (_with_impl(base, impl).to(dtype), contextlib.nullcontext, dtype)
+        if dtype != torch.float32:
+            cases["leantrain grouped_mm, autocast, fp32 params"] = (
+                _with_impl(base, "grouped_mm"), lambda: torch.autocast("cpu", dtype), torch.float32)
+        for impl in ("eager", "grouped_mm", "grouped_mm_fallback"):
+            context = _forced_fallback if impl == "grouped_mm_fallback" else contextlib.nullcontext
+            cases[f"HF Mixtral {impl}"] = (hf_block(base, impl).to(dtype), context, dtype)
+        best = {name: float("inf") for name in cases}
+        for round_ in range(args.repeats + 1):  # round 0 warms up
+            elapsed = _timed(lambda: square @ square)
+            peak_time = min(peak_time, elapsed) if round_ else peak_time
+            for name, (module, context, input_dtype) in cases.items():
+                xin = x.to(input_dtype).requires_grad_(True)
+                with context():
+                    elapsed = _timed(lambda: module(xin).float().square().mean().backward())
+                module.zero_grad(set_to_none=True)
+                if round_:
+                    best[name] = min(best[name], elapsed)
+        peak = 2 * args.peak_size**3 / peak_time
+        print(f"\n{dtype_name}: plain {args.peak_size}^2 matmul peak {peak / 1e9:.0f} GFLOP/s")
+        print(f"| {'implementation':44s} | tokens/s | expert matmul GFLOP/s | of peak |")
+        print(f"|{'-' * 46}|---------:|----------------------:|--------:|")
+        for name, elapsed in sorted(best.items(), key=lambda item: item[1]):
+            print(f"| {name:44s} | {tokens / elapsed:8.0f} | {flops / elapsed / 1e9:21.1f} | {flops / elapsed / peak:7.1%} |")
+
+
+def _with_impl(layer: MoELayer, impl: str) -> MoELayer:
+    copy = deepcopy(layer)
+    copy.experts.impl = impl
+    return copy
+
+
+def _balance_worker(rank: int, world: int, port: int, args, out: "mp.SimpleQueue") -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    vocab, dim, hidden, layers = 1024, args.dim // 2, args.intermediate // 2, 2
+    cfgs = {mode: MoEConfig(num_experts=args.experts, top_k=args.top_k, balance=mode) for mode in ("micro", "global")}
+    emb = torch.nn.Embedding(vocab, dim)
+    moes = torch.nn.ModuleList(MoELayer(dim, hidden, cfgs["global"], layer_id=i) for i in range(layers))
+    head = torch.nn.Linear(dim, vocab, bias=False)
+    model = torch.nn.ModuleList([emb, moes, head])
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    params = list(ddp.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    collectors = {mode: BalanceCollector(cfg, group=dist.group.WORLD) for mode, cfg in cfgs.items()}
+    gen = torch.Generator().manual_seed(rank)
+    times = {mode: [] for mode in collectors}
+    for step in range(2 * (args.balance_steps + 1)):
+        mode = ("micro", "global")[step % 2]
+        collector = collectors[mode]
+        tokens = torch.randint(0, vocab, (args.balance_batch, 257), generator=gen)
+        dist.barrier()
+        start = time.perf_counter()
+        for micro in range(args.accumulation):
+            h = emb(tokens[:, :-1])
+            for moe in moes:
+                h = h + moe(h, collector)
+            ce = torch.nn.functional.cross_entropy(head(h).flatten(0, 1), tokens[:, 1:].flatten())
+            ((ce + collector.loss()) / args.accumulation).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        collector.reset()
+        dist.barrier()
+        if step >= 2:
+            times[mode].append(time.perf_counter() - start)
+    if rank == 0:
+        out.put({mode: statistics.median(t) for mode, t in times.items()})
+    dist.destroy_process_group()
+
+
+def balance_overhead(args) -> None:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_balance_worker, args=(2, port, args, out), nprocs=2, start_method="spawn")
+    medians = out.get()
+    print(f"\n# Part 2: step time of a 2-layer MoE model (dim {args.dim // 2}, {args.experts} experts), 2 processes "
+          f"(gloo), micro-batch {args.balance_batch} x 256 tokens, {args.accumulation} micro-steps per step, "
+          f"median of {args.balance_steps} steps each, alternating")
+    for mode, t in medians.items():
+        print(f"  {mode:7s} {t * 1e3:8.1f} ms/step")
+    print(f"  global over micro: {medians['global'] / medians['micro'] - 1:+.2%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak-size", type=int, default=2048)
+    parser.add_argument("--balance-steps", type=int, default=10)
+    parser.add_argument("--balance-batch", type=int, default=4)
+    parser.add_argument("--accumulation", type=int, default=2)
+    parser.add_argument("--skip-layer", action="store_true", help="skip part 1")
+    parser.add_argument("--skip-balance", action="store_true", help="skip part 2")
+    args = parser.parse_args()
+    if not args.skip_layer:
+        layer_throughput(args)
+    if not args.skip_balance:
+        balance_overhead(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""When to checkpoint, what goes into a checkpoint, and where a run resumes from.
+
+``Checkpointer`` is the trainer's one contact with checkpoint files. State comes as ``Stateful``
+objects in two groups: ``replicated`` states are the same on every rank and rank 0 writes them once
+(model and optimizer under DDP, LR schedule, step counters); ``per_rank`` states differ per rank and
+each rank writes its own ``rank_<r>`` file (RNG states, data position, sharded model/optimizer).
+All ranks must see one shared filesystem. The saves here are synchronous: training waits for them.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from ..errors import UserError
+from .config import CheckpointConfig
+from .disk import (
+    FINAL_WEIGHTS_FILE,
+    commit_staging,
+    find_checkpoints,
+    latest_good_checkpoint,
+    load_checkpoint,
+    open_staging,
+    prune,
+    read_meta,
+    repair,
+    staging_path,
+    verify_checkpoint,
+    write_final_weights,
+    write_payload,
+    write_text_atomic,
+)
+
+REPLICATED = "replicated"
+_RESTORE_DECISION_FILE = ".checkpoint-restore.json"
+
+
+class Stateful(Protocol):
+    """Anything whose state round-trips through a dict: modules, optimizers, LR schedulers, ..."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+class Checkpointer:
+    """Saves every ``cfg.interval`` steps to ``<run_dir>/checkpoints`` and restores on start.
+
+    ``fingerprint`` (JSON-able, nested dicts allowed) identifies the configuration: resuming from a
+    checkpoint whose fingerprint differs is refused. Every rank constructs one and calls the same
+    methods in the same order; ``barrier`` synchronises them (default: torch.distributed.barrier when
+    ``world_size > 1``, nothing for one process).
+    """
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: Path,
+        fingerprint: dict,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier: Callable[[], None] | None = None,
+    ) -> None:
+        if cfg.interval < 0:
+            raise UserError(f"checkpoint.interval must be >= 0 (0: no periodic saves), got {cfg.interval}")
+        if cfg.keep < 1:
+            raise UserError(f"checkpoint.keep must be >= 1, got {cfg.keep}")
+        if not cfg.resume.strip():
+            raise UserError("checkpoint.resume is empty; use auto, never or the path of a step_N directory")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if barrier is None and world_size > 1:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError("world_size > 1 needs a barrier or an initialised torch.distributed")
+            barrier = dist.barrier
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back from meta.json
+        self.rank = rank
+        self.world_size = world_size
+        self._barrier = barrier or (lambda: None)
+        self._last_saved_step = 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / "final"
+
+    def restore(self, replicated: dict[str, Stateful], per_rank: dict[str, Stateful]) -> int:
+        """Load the checkpoint ``checkpoint.resume`` selects into the given objects; returns its step.
+
+        Returns 0 when the run starts fresh. Rank 0 chooses and fully verifies the checkpoint, then
+        shares its choice (or its error) with the other ranks through a file in the run directory, so
+        that every rank resumes from the same step or every rank fails with the same message.
+        """
+        choice: Path | None = None
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                choice = self._choose_checkpoint(replicated, per_rank)
+            except Exception as error:
+                failure = error
+            if self.world_size > 1:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                decision = {
+                    "path": None if choice is None else str(choice),
+                    "error": None if failure is None else str(failure),
+                }
+                write_text_atomic(self.run_dir / _RESTORE_DECISION_FILE, json.dumps(decision))
+        self._barrier()
+        if failure is not None:
+            raise failure
+        if self.rank != 0:
+            decision = json.loads((self.run_dir / _RESTORE_DECISION_FILE).read_text())
+            if decision["error"] is not None:
+                raise UserError(f"rank 0 could not resume: {decision['error']}")
+            choice = None if decision["path"] is None else Path(decision["path"])
+
+        step = 0
+        if choice is not None:
+            names = [REPLICATED] + ([f"rank_{self.rank}"] if per_rank else [])
+            content, payloads = load_checkpoint(choice, names)
+            _load_states(replicated, payloads[REPLICATED])
+            if per_rank:
+                _load_states(per_rank, payloads[f"rank_{self.rank}"])
+            step = content["step"]
+            self._last_saved_step = step
+        self._barrier()
+        if self.rank == 0 and self.world_size > 1:
+            (self.run_dir / _RESTORE_DECISION_FILE).unlink(missing_ok=True)
+        return step
+
+    def wait_before_step(self) -> None:
+        """Return once the optimizer may modify the saved state again.
+
+        Synchronous saves are complete when ``after_step`` returns, so this does nothing here. It is
+        the seam where an asynchronous checkpointer waits for its copies of the state to finish.
+        """
+
+    def after_step(
+        self, step: int, replicated: dict[str, Stateful], per_rank: dict[str, Stateful], force: bool = False
+    ) -> bool:
+        """Save ``step`` if it is a multiple of ``checkpoint.interval`` (or ``force``); True if saved.
+
+        A step already on disk (just saved, or just restored) is not saved again, nor is step 0 (the
+        untrained start, which ``restore`` reports as a fresh start anyway). ``state_dict()`` of
+        the replicated objects is called on rank 0 only, so it must not be a collective operation.
+        """
+        due = force or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
+        if not due or step < 1 or step == self._last_saved_step:
+            return False
+        directory = self.checkpoint_dir
+        staging = staging_path(directory, step)
+        if self.rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            repair(directory)
+            open_staging(directory, step)
+        self._barrier()
+        if self.rank == 0:
+            write_payload(staging, REPLICATED, {name: obj.state_dict() for name, obj in replicated.items()})
+        if per_rank:
+            states = {name: obj.state_dict() for name, obj in per_rank.items()}
+            write_payload(staging, f"rank_{self.rank}", states)
+        self._barrier()
+        if self.rank == 0:
+            meta = {
+                "fingerprint": self.fingerprint,
+                "world_size": self.world_size,
+                REPLICATED: sorted(replicated),
+                "per_rank": sorted(per_rank),
+            }
+            expected = [REPLICATED] + ([f"rank_{r}" for r in range(self.world_size)] if per_rank else [])
+            commit_staging(directory, staging, step, meta, expected_names=expected)
+            prune(directory, self.cfg.keep)
+        self._barrier()
+        self._last_saved_step = step
+        return True
+
+    def save_final(
+        self, model_state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> Path | None:
+        """Rank 0 writes the full ``model_state`` to ``<run_dir>/final/model.safetensors``; returns the path.
+
+        Other ranks return None (their ``model_state`` is ignored) once the file is written.
+        """
+        path = None
+        if self.rank == 0:
+            path = write_final_weights(model_state, self.final_dir, metadata)
+        self._barrier()
+        return path
+
+    def _choose_checkpoint(
+        self, replicated: dict[str, Stateful], per_rank: dict[str, Stateful]
+    ) -> Path | None:
+        """The verified checkpoint to resume from, or None to start fresh; UserError if neither is safe."""
+        directory = self.checkpoint_dir
+        repair(directory)
+        existing = find_checkpoints(directory)
+        final_weights = self.final_dir / FINAL_WEIGHTS_FILE
+        mode = self.cfg.resume.strip()
+        if mode == "never":
+            if existing or final_weights.exists():
+                held = f"checkpoints in {directory}" if existing else f"the final weights {final_weights}"
+                raise UserError(
+                    f"checkpoint.resume=never, but the run directory {self.run_dir} already holds {held}; "
+                    "choose a new run_dir, or delete them, or resume with checkpoint.resume=auto"
+                )
+            return None
+        if mode == "auto":
+            if not existing:
+                if final_weights.exists():
+                    raise UserError(
+                        f"the run directory {self.run_dir} holds the final weights of a finished run "
+                        f"({final_weights}) and no checkpoint to resume from; choose a new run_dir"
+                    )
+                return None
+            path = latest_good_checkpoint(directory)
+            if path is None:
+                raise UserError(
+                    f"every checkpoint in {directory} is damaged (see the warnings); delete them, or set "
+                    "checkpoint.resume to a good step_N directory"
+                )
+        else:
+            path = Path(mode).expanduser()
+            if not path.is_dir():
+                raise UserError(f"checkpoint.resume={mode}: no such directory")
+            verify_checkpoint(path)
+        self._check_compatible(path, read_meta(path)["meta"], replicated, per_rank)
+        return path
+
+    def _check_compatible(
+        self, path: Path, saved: dict, replicated: dict[str, Stateful], per_rank: dict[str, Stateful]
+    ) -> None:
+        differences = _fingerprint_differences(saved.get("fingerprint", {}), self.fingerprint)
+        if differences:
+            raise UserError(
+                f"checkpoint {path} was saved with a different configuration than this run in "
+                f"{self.run_dir} ({'; '.join(differences)}); use a new run_dir for the new "
+                "configuration, or restore those values"
+            )
+        for group, current in ((REPLICATED, replicated), ("per_rank", per_rank)):
+            if saved.get(group, []) != sorted(current):
+                raise UserError(
+                    f"checkpoint {path} holds {group} state {saved.get(group)}; this run has "
+                    f"{sorted(current)}"
+                )
+        if per_rank and saved.get("world_size") != self.world_size:
+            raise UserError(
+                f"checkpoint {path} was saved by {saved.get('world_size')} ranks and this run has "
+                f"{self.world_size}: its per-rank state {saved['per_rank']} cannot be redistributed; "
+                f"resume with {saved.get('world_size')} ranks"
+            )
+
+
+def _load_states(objects: dict[str, Stateful], states: dict[str, Any]) -> None:
+    for name, obj in objects.items():
+        obj.load_state_dict(states[name])
+
+
+def _fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs between two fingerprints."""
+    old, new = _flatten(saved), _flatten(current)
+
+    def show(values: dict[str, Any], key: str) -> str:
+        return json.dumps(values[key]) if key in values else "(absent)"
+
+    return [
+        f"{key}: {show(old, key)} -> {show(new, key)}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in old or key not in new or old[key] != new[key]
+    ]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

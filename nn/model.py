@@ -1,0 +1,180 @@
+"""Decoder-only language model: LLaMA-style blocks with a choice of layer-norm placement.
+
+token embedding -> [optional embedding norm] -> n_layers x block -> final norm -> hidden states.
+The model stops at the hidden states; the loss owns the output head (``head_weight``), so a
+fused or chunked cross-entropy never has to see the [batch, seq, vocab] logits.
+
+Norm placements, with F the attention or the feed-forward sublayer:
+  pre   x + F(Norm(x))                     final norm
+  post  Norm(x + F(x))                     no final norm (the last block already ends in one)
+  peri  x + Norm_out(F(Norm_in(x)))        final norm (Peri-LN, Kim et al. 2025; Gemma 2's sandwich)
+"""
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from .attention import Attention
+from .config import ModelConfig
+from .mlp import FeedForward
+from .norm import RMSNorm
+from .rope import rope_tables
+
+NORM_PLACEMENTS = ("pre", "post", "peri")
+
+# LLaMA shapes of the GaLore paper (vocab 32000, untied head, max length 1024 and 2048 for 7b), plus
+# `tiny` for tests. n_kv_heads 0 means as many as n_heads; tiny's vocab and length come from the data.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=688,
+                 vocab_size=0, max_seq_len=0),
+    "60m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=0, intermediate_size=1376,
+                vocab_size=32000, max_seq_len=1024),
+    "130m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=0, intermediate_size=2048,
+                 vocab_size=32000, max_seq_len=1024),
+    "350m": dict(dim=1024, n_layers=24, n_heads=16, n_kv_heads=0, intermediate_size=2736,
+                 vocab_size=32000, max_seq_len=1024),
+    "1b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=0, intermediate_size=5461,
+               vocab_size=32000, max_seq_len=1024),
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=0, intermediate_size=11008,
+               vocab_size=32000, max_seq_len=2048),
+}
+
+_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size", "max_seq_len")
+
+
+def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> ModelConfig:
+    """A fully specified, validated copy of cfg.
+
+    Zero fields take the preset's value, except vocab_size and max_seq_len, which take the
+    tokenizer's vocabulary and the data's sequence length first (the preset's only when those are 0).
+    """
+    if cfg.preset not in PRESETS:
+        raise UserError(f"model.preset={cfg.preset!r} is not a preset; valid: {', '.join(PRESETS)}")
+    for name in _SHAPE_FIELDS:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"model.{name}={getattr(cfg, name)} must be positive, or 0 to take the default")
+    preset = PRESETS[cfg.preset]
+    shape = {name: getattr(cfg, name) or preset[name] for name in ("dim", "n_layers", "n_heads", "intermediate_size")}
+    shape["n_kv_heads"] = cfg.n_kv_heads or preset["n_kv_heads"] or shape["n_heads"]
+    shape["vocab_size"] = cfg.vocab_size or vocab_size or preset["vocab_size"]
+    shape["max_seq_len"] = cfg.max_seq_len or seq_len or preset["max_seq_len"]
+    resolved = dataclasses.replace(cfg, **shape)
+
+    if resolved.vocab_size <= 0:
+        raise UserError(f"model.vocab_size is 0 and preset {cfg.preset!r} has none: set it or provide a tokenizer")
+    if resolved.vocab_size < vocab_size:
+        raise UserError(
+            f"model.vocab_size={resolved.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
+        )
+    if resolved.max_seq_len <= 0:
+        raise UserError(f"model.max_seq_len is 0 and preset {cfg.preset!r} has none: set it or data.seq_len")
+    if resolved.max_seq_len < seq_len:
+        raise UserError(f"model.max_seq_len={resolved.max_seq_len} is shorter than data.seq_len={seq_len}")
+    if resolved.norm not in NORM_PLACEMENTS:
+        raise UserError(
+            f"model.norm={resolved.norm!r} is not a norm placement; valid: {', '.join(NORM_PLACEMENTS)}"
+        )
+    if resolved.dim % resolved.n_heads:
+        raise UserError(f"model.dim={resolved.dim} is not divisible by model.n_heads={resolved.n_heads}")
+    head_dim = resolved.dim // resolved.n_heads
+    if head_dim % 2:
+        raise UserError(f"head size model.dim / model.n_heads = {head_dim} must be even for RoPE")
+    if resolved.n_heads % resolved.n_kv_heads:
+        raise UserError(f"model.n_heads={resolved.n_heads} is not divisible by model.n_kv_heads={resolved.n_kv_heads}")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        if not getattr(resolved, name) > 0:
+            raise UserError(f"model.{name}={getattr(resolved, name)} must be positive")
+    return resolved
+
+
+class TransformerBlock(nn.Module):
+    """Attention then SwiGLU feed-forward, each wrapped in a residual and norms per `norm`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_placement = cfg.norm
+        self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
+        self.feed_forward = FeedForward(cfg.dim, cfg.intermediate_size)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if cfg.norm == "peri":
+            self.attention_out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.ffn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+        if self.norm_placement == "pre":
+            x = x + self.attention(self.attention_norm(x), rope_cos, rope_sin)
+            return x + self.feed_forward(self.ffn_norm(x))
+        if self.norm_placement == "post":
+            x = self.attention_norm(x + self.attention(x, rope_cos, rope_sin))
+            return self.ffn_norm(x + self.feed_forward(x))
+        x = x + self.attention_out_norm(self.attention(self.attention_norm(x), rope_cos, rope_sin))
+        return x + self.ffn_out_norm(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    """tokens [batch, seq] -> final hidden states [batch, seq, dim]. cfg must be resolved."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.Identity() if cfg.norm == "post" else RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Derived from the config, so kept out of the state dict; init_weights fills them.
+        half = cfg.dim // cfg.n_heads // 2
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
+        self.init_weights()
+        if cfg.compile:
+            for layer in self.layers:
+                layer.compile()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) matrices, residual output projections (wo, w2) scaled by
+        1/sqrt(2 n_layers) as in GPT-2, unit norm gains, and the RoPE tables. Call it again after
+        building on the meta device and ``to_empty``."""
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        cos, sin = rope_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for layer in self.layers:
+            nn.init.normal_(layer.attention.wo.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(layer.feed_forward.w2.weight, mean=0.0, std=residual_std)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection's weight [vocab, dim]: logits = hidden @ head_weight.T."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters counted once (a tied head is the embedding); optionally without the token embedding."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.tok_embeddings.weight.numel() if exclude_embedding else total
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq_len = tokens.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise UserError(f"sequence of {seq_len} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
+        h = self.tok_embeddings(tokens)
+        if self.embed_norm is not None:
+            h = self.embed_norm(h)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                h = layer(h, self.rope_cos, self.rope_sin)
+        return self.norm(h)

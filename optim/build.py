@@ -1,0 +1,82 @@
+"""Turn the ``optim`` config section into an optimizer over a model's parameters."""
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import UserError
+from .config import OptimConfig
+from .galore import SWITCH_POLICIES, GaLoreAdamW, check_stagger, stagger_offsets
+from .groups import decay_groups, low_rank_groups
+from .layerwise import LayerwiseOptimizer
+from .natural_galore import NaturalGaLoreAdamW
+from .projector import PROJ_TYPES, SVD_METHODS
+
+OPTIMIZERS = ("adamw", "galore", "natural_galore")
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Build the optimizer named by ``optim.name`` for ``model``'s trainable parameters.
+
+    With ``optim.layerwise`` this returns a ``LayerwiseOptimizer``; pass the DDP-wrapped module (or
+    call its ``attach_ddp``) so that parameters step on the allreduced gradient.
+    """
+    if cfg.lr <= 0:
+        raise UserError(f"optim.lr must be positive, got {cfg.lr}")
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise UserError(f"optim.betas must be two numbers in [0, 1), got {list(cfg.betas)}")
+    if cfg.layerwise_clip < 0:
+        raise UserError(f"optim.layerwise_clip must be >= 0 (0 disables it), got {cfg.layerwise_clip}")
+    if cfg.name == "adamw":
+        groups = decay_groups(model.named_parameters(), cfg.weight_decay)
+        # fused AdamW runs on CPU and CUDA and is the fastest torch path on both.
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
+        kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    elif cfg.name in ("galore", "natural_galore"):
+        groups, optimizer_class, kwargs = _low_rank_setup(cfg, model)
+    else:
+        raise UserError(f"optim.name: unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if not cfg.layerwise:
+        return optimizer_class(groups, **kwargs)
+    if cfg.stagger is not False and cfg.name != "adamw":
+        groups = _split_for_stagger(groups, cfg.stagger)
+        kwargs.pop("stagger")
+    optimizer = LayerwiseOptimizer(groups, optimizer_class, clip_norm=cfg.layerwise_clip, **kwargs)
+    if isinstance(model, DistributedDataParallel):
+        optimizer.attach_ddp(model)
+    return optimizer
+
+
+def _low_rank_setup(cfg: OptimConfig, model: nn.Module) -> tuple[list[dict], type[torch.optim.Optimizer], dict]:
+    for key, value in (("rank", cfg.rank), ("update_proj_gap", cfg.update_proj_gap)):
+        if not (isinstance(value, int) and value >= 1):
+            raise UserError(f"optim.{key} must be a positive integer, got {value!r}")
+    if cfg.scale <= 0:
+        raise UserError(f"optim.scale must be positive, got {cfg.scale}")
+    for key, value, choices in (("proj_type", cfg.proj_type, PROJ_TYPES), ("svd", cfg.svd, SVD_METHODS),
+                                ("switch", cfg.switch, SWITCH_POLICIES)):
+        if value not in choices:
+            raise UserError(f"optim.{key}={value!r}; choose one of {', '.join(choices)}")
+    stagger = check_stagger(cfg.stagger, "optim.stagger")
+    projection = dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale, proj_type=cfg.proj_type)
+    groups = low_rank_groups(model, cfg.target_modules, cfg.weight_decay, projection)
+    # torch-order decoupled decay (decay, then update), as the adamw path does.
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, svd=cfg.svd, switch=cfg.switch,
+                                  stagger=stagger, decay_before_update=True)
+    if cfg.name == "galore":
+        return groups, GaLoreAdamW, kwargs
+    if cfg.history < 0:
+        raise UserError(f"optim.history must be >= 0 (0 picks it per matrix), got {cfg.history}")
+    if cfg.damping <= 0:
+        raise UserError(f"optim.damping must be positive, got {cfg.damping}")
+    return groups, NaturalGaLoreAdamW, {**kwargs, "history": cfg.history, "damping": cfg.damping}
+
+
+def _split_for_stagger(groups: list[dict], stagger: bool | int) -> list[dict]:
+    """One group per projected matrix, carrying its refresh phase: per-layer optimizers see one matrix each."""
+    projected = [(p, g) for g in groups if "rank" in g for p in g["params"]]
+    offsets = stagger_offsets([g["update_proj_gap"] for _, g in projected], stagger)
+    split = [{**g, "params": [p], "refresh_offset": offset} for (p, g), offset in zip(projected, offsets)]
+    return split + [g for g in groups if "rank" not in g]

@@ -1,0 +1,67 @@
+"""Which parameters get weight decay, and which a low-rank optimizer projects.
+
+Biases and norm gains (every tensor with fewer than two dimensions) get no weight decay; matrices
+(linear weights, embeddings, the output head) do. Low-rank optimizers add their own split of the
+matrices into projected and dense groups on top of this.
+"""
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed group (ndim >= 2) and an undecayed one."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for _, p in named_params:
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def count_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's state tensors (exact, from the tensors themselves)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
+
+
+def low_rank_groups(model: nn.Module, target_modules: Iterable[str], weight_decay: float,
+                    projection: dict[str, Any]) -> list[dict]:
+    """A projected group (``projection`` holds rank etc.) plus ``decay_groups`` for the rest.
+
+    Projected: the 2-D weight of every ``nn.Linear`` whose module name matches one of the
+    ``target_modules`` regular expressions (``re.search``). Embeddings, norms, biases and the output
+    head stay dense; they get plain AdamW in the same optimizer.
+    """
+    target_modules = list(target_modules)
+    patterns = []
+    for pattern in target_modules:
+        try:
+            patterns.append(re.compile(pattern))
+        except re.error as exc:
+            raise UserError(f"optim.target_modules: {pattern!r} is not a regular expression ({exc})") from None
+    projected: list[nn.Parameter] = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, nn.Linear) and weight is not None and weight.requires_grad and weight.ndim == 2
+                and any(p.search(name) for p in patterns) and all(weight is not q for q in projected)):
+            projected.append(weight)
+    if not projected:
+        raise UserError(f"optim.target_modules={target_modules} matched no nn.Linear module of the model; "
+                        f"give regexes that match names such as 'layers.0.attention.wq'")
+    projected_ids = {id(p) for p in projected}
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in projected_ids]
+    group = {"params": projected, "weight_decay": weight_decay, **projection}
+    return [group, *decay_groups(rest, weight_decay)]

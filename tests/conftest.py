@@ -1,0 +1,41 @@
+"""Shared fixtures: a small local corpus and a fast tiny-model configuration for end-to-end runs."""
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def corpus_glob(tmp_path_factory) -> str:
+    """About 300 KB of text: a fixed set of the standard library's modules, copied as .txt files."""
+    out = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "ast.py", "bisect.py", "calendar.py", "csv.py", "dataclasses.py",
+                 "difflib.py", "fractions.py", "heapq.py", "inspect.py", "json/decoder.py", "json/encoder.py",
+                 "pprint.py", "random.py", "shlex.py", "statistics.py", "string.py", "textwrap.py"):
+        shutil.copy(stdlib / name, out / (name.replace("/", "_") + ".txt"))
+    return str(out / "*.txt")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One data cache for the whole session, so the tokenizer is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_overrides(corpus_glob, cache_dir, tmp_path) -> list[str]:
+    """A model and batch small enough for a step in a few milliseconds on one core."""
+    return [
+        "model.preset=tiny", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.intermediate_size=128", "data.source=text", f"data.path={corpus_glob}", "data.vocab_size=512", "data.val_fraction=0.2",
+        "data.seq_len=32", f"data.cache_dir={cache_dir}", "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4", "trainer.dtype=fp32", "trainer.eval_interval=5", "trainer.eval_batches=2",
+        "trainer.max_steps=10", "optim.warmup_steps=2", "logging.progress=false", f"trainer.run_dir={tmp_path / 'run'}",
+    ]
+
+

@@ -1,0 +1,25 @@
+"""Helpers shared by tests: free ports and running leantrain as a user would."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_leantrain(args: list[str], cwd: Path | None = None, timeout: float = 300,
+                  torchrun_nproc: int = 0) -> subprocess.CompletedProcess:
+    """Run ``leantrain ARGS`` (or ``torchrun -m leantrain.train``) as a user would, capturing output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if torchrun_nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun_nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "leantrain.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "leantrain", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,127 @@
+"""End-to-end runs through the CLI, as a user launches them."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from support import run_leantrain
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` with its content hash, to prove nothing was touched."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_clean_failure(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("leantrain: error")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_train_writes_config_metrics_checkpoints_and_final(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    result = run_leantrain(["train", "quickstart", *tiny_overrides, "checkpoint.interval=5"])
+    assert result.returncode == 0, result.stderr
+    records = metrics(run)
+    assert records[0]["step"] == 0 and "val_loss" in records[0]
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 11))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"):
+        assert key in logged[-1]
+    assert logged[-1]["tokens_seen"] == 10 * 8 * 32
+    assert "val_loss" in logged[4] and "val_loss" in logged[9]
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "step_10").is_dir() and (run / "checkpoints" / "step_5").is_dir()
+    assert "model.safetensors" in {p.name for p in (run / "final").iterdir()}
+
+
+def test_resume_is_bitwise_identical(tiny_overrides, tmp_path):
+    straight = tmp_path / "straight"
+    split = tmp_path / "split"
+    common = [*tiny_overrides, "trainer.max_steps=20", "checkpoint.interval=5"]
+    assert run_leantrain(["train", "quickstart", *common, f"trainer.run_dir={straight}"]).returncode == 0
+    first = run_leantrain(["train", "quickstart", *common, f"trainer.run_dir={split}", "trainer.stop_at_step=10"])
+    assert first.returncode == 0, first.stderr
+    assert not (split / "final").exists()
+    second = run_leantrain(["train", "quickstart", *common, f"trainer.run_dir={split}"])
+    assert second.returncode == 0, second.stderr
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(split / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].equal(b[name]), name
+    assert step_losses(straight) == step_losses(split)
+    assert {"event": "resume", "step": 10, "source": "disk"} in metrics(split)
+
+
+def test_ddp_two_ranks_match_one_rank_with_double_micro_batch(tiny_overrides, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*tiny_overrides, "trainer.max_steps=5", "trainer.global_batch_size=8"]
+    r1 = run_leantrain(["train", "quickstart", *common, "trainer.micro_batch_size=8", f"trainer.run_dir={one}"])
+    assert r1.returncode == 0, r1.stderr
+    r2 = run_leantrain(["quickstart", *common, "trainer.micro_batch_size=4", f"trainer.run_dir={two}"],
+                       torchrun_nproc=2)
+    assert r2.returncode == 0, r2.stderr + r2.stdout
+    l1, l2 = step_losses(one), step_losses(two)
+    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5]
+    for step in l1:
+        assert abs(l1[step] - l2[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l2[step])
+
+
+def test_unknown_key_in_file_fails_cleanly(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("optim:\n  rnak: 8\n")
+    assert_clean_failure(run_leantrain(["train", str(config)]), "optim.rnak", str(config))
+
+
+def test_wrong_type_fails_cleanly(tiny_overrides):
+    assert_clean_failure(run_leantrain(["train", "quickstart", *tiny_overrides, "optim.lr=fast"]),
+                         "optim.lr", "command line")
+
+
+def test_missing_data_fails_cleanly(tiny_overrides, tmp_path):
+    result = run_leantrain(["train", "quickstart", *tiny_overrides, f"data.path={tmp_path}/nothing/*.txt"])
+    assert_clean_failure(result, "data.path")
+    assert not (tmp_path / "run").exists()
+
+
+def test_other_runs_checkpoints_are_refused_and_untouched(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    assert run_leantrain(["train", "quickstart", *tiny_overrides, "checkpoint.interval=5"]).returncode == 0
+    before = snapshot(run)
+    result = run_leantrain(["train", "quickstart", *tiny_overrides, "checkpoint.interval=5", "optim.lr=0.05"])
+    assert_clean_failure(result, "optim.lr", str(run))
+    assert snapshot(run) == before
+
+
+def test_truncated_checkpoint_fails_cleanly_and_untouched(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    common = [*tiny_overrides, "checkpoint.interval=5", "checkpoint.keep=1", "trainer.max_steps=20"]
+    assert run_leantrain(["train", "quickstart", *common, "trainer.stop_at_step=5"]).returncode == 0
+    step = run / "checkpoints" / "step_5"
+    shard = max((p for p in step.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = snapshot(run)
+    result = run_leantrain(["train", "quickstart", *common, f"checkpoint.resume={step}"])
+    assert_clean_failure(result, shard.name)
+    assert snapshot(run) == before
+    result = run_leantrain(["train", "quickstart", *common])  # auto: no good checkpoint left to resume from
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert snapshot(run) == before

@@ -1,0 +1,651 @@
+"""Token data for the trainer: the Python stdlib corpus, pre-tokenized shards, or local text/JSONL files.
+
+Every source ends up in one on-disk format, a *token directory*: ``meta.json``, the ``tokenizer.json`` that
+produced the ids, and flat uint16/uint32 files ``train_00000.bin``, ``val_00000.bin``, ... read as memmaps.
+``leantrain prepare-data`` writes one where the user asks; the stdlib and text sources write one into the
+cache on first use. Validation holds out whole documents (files, JSONL records), never windows of training text.
+
+Training reads windows of seq_len + 1 tokens (stride seq_len, so every token is a target once) in a seeded
+order reshuffled each epoch. One global sample cursor decides what every data-parallel rank reads, so W ranks
+at micro-batch m read exactly what one rank at micro-batch W*m reads, and a resumed run continues at the exact
+next sample.
+"""
+
+import argparse
+import fcntl
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sysconfig
+import tempfile
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from ..errors import UserError
+from . import tokenizer as bpe
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SOURCES = ("stdlib", "shards", "text")
+DEFAULT_SHARD_TOKENS = 100_000_000
+# Tests, IDLE and installed packages would make the corpus 10x larger or dependent on what is installed.
+STDLIB_SKIPPED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__"}
+)
+ENCODE_BATCH_CHARS = 1 << 22  # text handed to one encode_batch call: enough to keep the Rust threads busy
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """Where tokens come from: stdlib (Python's own library source) | shards (from prepare-data) | text."""
+    path: str = ""
+    """shards: the directory written by `leantrain prepare-data`; text: a glob of .txt/.jsonl files."""
+    tokenizer: str = ""
+    """A HF tokenizer.json; empty for stdlib/text trains a byte-level BPE on the corpus and caches it."""
+    vocab_size: int = 8192
+    """Vocabulary size of the byte-level BPE trained on first use."""
+    seq_len: int = 256
+    """Tokens per training sample (each window holds seq_len + 1 for the shifted targets)."""
+    val_fraction: float = 0.02
+    """Share of documents (stdlib files, text files, JSONL records) held out for validation."""
+    text_key: str = "text"
+    """Field of each JSONL record that holds its text."""
+    cache_dir: str = ""
+    """Cache of tokenized corpora; empty means $LEANTRAIN_CACHE or ~/.cache/leantrain."""
+
+
+# ---- reading documents -------------------------------------------------------------------------------------
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib's own ``.py`` files (no tests, IDLE or installed packages), sorted by relative path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if p.is_file() and not STDLIB_SKIPPED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    ]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_stdlib_file(path: Path) -> Iterator[str]:
+    """A stdlib file as one document; the many empty ``__init__.py`` files yield nothing."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.strip():
+        yield text
+
+
+def match_files(patterns: list[str], setting: str) -> list[Path]:
+    """The files matched by glob ``patterns`` (``**`` recurses), absolute and sorted; each must match some."""
+    files: set[Path] = set()
+    for pattern in patterns:
+        if not pattern:
+            raise UserError(f"{setting} is empty; give a glob of .txt/.jsonl files")
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            raise UserError(f"{setting}={pattern!r} is a directory; give a glob of its files, e.g. {pattern}/*.jsonl")
+        matches = [Path(m).resolve() for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+        if not matches:
+            raise UserError(f"{setting}={pattern!r}: no such file (the glob matches nothing)")
+        files.update(matches)
+    return sorted(files)
+
+
+def read_documents(path: Path, text_key: str, setting: str) -> Iterator[str]:
+    """The documents of one user file: each JSONL record's ``text_key`` field, or a whole text file."""
+    if path.stat().st_size == 0:
+        raise UserError(f"{setting}: {path} is empty")
+    try:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text_key)
+            return
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{setting}: {path} is not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise UserError(f"{setting}: {path} holds only whitespace")
+    yield text
+
+
+def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
+    documents = 0
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{line_no} is not valid JSON ({e.msg})") from None
+            text = record.get(text_key) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(
+                    f"{path}:{line_no} has no string field {text_key!r} (the text key: data.text_key / --text-key)"
+                )
+            if text:
+                documents += 1
+                yield text
+    if documents == 0:
+        raise UserError(f"{path} holds no non-empty {text_key!r} documents")
+
+
+def corpus_documents(
+    files: list[Path], read: Callable[[Path], Iterable[str]], bar: tqdm | None = None
+) -> Iterator[str]:
+    """All documents of ``files`` in order, advancing ``bar`` by each file's size in bytes."""
+    for path in files:
+        yield from read(path)
+        if bar is not None:
+            bar.update(path.stat().st_size)
+
+
+def is_validation(index: int, val_fraction: float) -> bool:
+    """Whether document ``index`` is held out: evenly spaced, floor(n * val_fraction) of the first n documents."""
+    return math.floor((index + 1) * val_fraction) > math.floor(index * val_fraction)
+
+
+# ---- writing a token directory -----------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Appends token ids to ``{split}_00000.bin``, ``{split}_00001.bin``, ... of at most ``shard_tokens`` each."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self._file is None:
+                name = f"{self.split}_{len(self.shards):05d}.bin"
+                self._file = open(self.directory / name, "wb")
+                self.shards.append({"file": name, "split": self.split, "tokens": 0})
+            shard = self.shards[-1]
+            part = ids[: self.shard_tokens - shard["tokens"]]
+            part.astype(self.dtype, copy=False).tofile(self._file)
+            shard["tokens"] += len(part)
+            ids = ids[len(part) :]
+            if shard["tokens"] == self.shard_tokens:
+                self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+
+def write_token_dir(
+    documents: Iterable[str],
+    tokenizer_file: Path,
+    out: Path,
+    val_fraction: float,
+    shard_tokens: int,
+    source: str,
+) -> dict:
+    """Tokenize ``documents`` into the token directory ``out`` (which exists) and return its metadata.
+
+    Each document is followed by the end-of-text token. ``meta.json`` is written last, so a directory with one
+    is complete.
+    """
+    tokenizer = bpe.load_tokenizer(tokenizer_file, "tokenizer")
+    vocab_size = tokenizer.get_vocab_size()
+    eos_id = bpe.find_eos_id(tokenizer, tokenizer_file)
+    dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
+    pending: dict[str, list[str]] = {"train": [], "val": []}
+    counts = {"train": 0, "val": 0}
+
+    def flush() -> None:
+        for split, texts in pending.items():
+            if texts:
+                encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+                writers[split].write(np.array([i for enc in encodings for i in (*enc.ids, eos_id)], dtype=dtype))
+                texts.clear()
+
+    pending_chars = 0
+    for index, text in enumerate(documents):
+        split = "val" if is_validation(index, val_fraction) else "train"
+        pending[split].append(text)
+        counts[split] += 1
+        pending_chars += len(text)
+        if pending_chars >= ENCODE_BATCH_CHARS:
+            flush()
+            pending_chars = 0
+    flush()
+    for writer in writers.values():
+        writer.close()
+
+    if counts["train"] == 0:
+        raise UserError(f"{source}: no training documents")
+    if counts["val"] == 0:
+        raise UserError(
+            f"{source}: the validation split is empty: val_fraction={val_fraction} holds out none of "
+            f"{counts['train']} documents; raise data.val_fraction (--val-fraction) or add documents"
+        )
+    if tokenizer_file.resolve() != (out / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    meta = {
+        "format": FORMAT_VERSION,
+        "source": source,
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "tokenizer": "tokenizer.json",
+        "tokenizer_source": str(tokenizer_file),
+        "tokenizer_sha256": bpe.file_sha256(out / "tokenizer.json"),
+        "val_fraction": val_fraction,
+        "documents": counts,
+        "tokens": {split: writer.tokens for split, writer in writers.items()},
+        "shards": writers["train"].shards + writers["val"].shards,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+# ---- reading a token directory -----------------------------------------------------------------------------
+
+
+class TokenStream:
+    """One split's shard files as a single sequence of token ids, read through memmaps."""
+
+    def __init__(self, files: list[tuple[Path, int]], dtype: np.dtype):
+        self.arrays = []
+        for path, tokens in files:
+            if not path.is_file():
+                raise UserError(f"shard {path} listed in meta.json is missing")
+            if path.stat().st_size != tokens * dtype.itemsize:
+                raise UserError(
+                    f"shard {path} holds {path.stat().st_size} bytes; meta.json promises {tokens} {dtype.name} tokens"
+                )
+            if tokens:
+                self.arrays.append(np.memmap(path, dtype=dtype, mode="r", shape=(tokens,)))
+        self.starts = [0]
+        for array in self.arrays:
+            self.starts.append(self.starts[-1] + len(array))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)``, across shard boundaries where needed."""
+        shard = bisect_right(self.starts, start) - 1
+        pieces = []
+        while length > 0:
+            piece = self.arrays[shard][start - self.starts[shard] : start - self.starts[shard] + length]
+            pieces.append(piece)
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+META_KEYS = ("dtype", "vocab_size", "eos_id", "tokenizer", "tokenizer_sha256", "shards")
+
+
+def read_meta(directory: Path, setting: str) -> dict:
+    """The checked ``meta.json`` of a token directory."""
+    if not directory.is_dir():
+        raise UserError(f"{setting}={str(directory)!r}: no such directory")
+    meta_file = directory / "meta.json"
+    if not meta_file.is_file():
+        raise UserError(
+            f"{setting}={str(directory)!r} has no meta.json; write the directory with `leantrain prepare-data`"
+        )
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{meta_file} is not valid JSON: {e}") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise UserError(f"{meta_file} lacks {', '.join(missing)}; rewrite the directory with `leantrain prepare-data`")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"{meta_file}: dtype must be uint16 or uint32, got {meta['dtype']!r}")
+    return meta
+
+
+def split_stream(directory: Path, meta: dict, split: str) -> TokenStream:
+    files = [(directory / s["file"], int(s["tokens"])) for s in meta["shards"] if s["split"] == split]
+    return TokenStream(files, np.dtype(meta["dtype"]))
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------
+
+
+def read_windows(stream: TokenStream, windows: Iterable[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, int64 ``[len(windows), seq_len]``, of the given window indices."""
+    batch = torch.from_numpy(np.stack([stream.read(w * seq_len, seq_len + 1) for w in windows]).astype(np.int64))
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+class TokenLoader:
+    """Shuffled training windows for one data-parallel rank.
+
+    Global sample g is window ``permutation(epoch)[g % n]`` with ``epoch = g // n``. Each ``next()`` gives rank r
+    the global samples ``[cursor + r*m, cursor + (r+1)*m)`` and moves the shared cursor on by ``world_size*m``.
+    """
+
+    def __init__(self, stream: TokenStream, seq_len: int, micro_batch_size: int, seed: int, rank: int, world_size: int):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        self.stream, self.seq_len, self.micro_batch_size = stream, seq_len, micro_batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_windows = (len(stream) - 1) // seq_len
+        self.cursor = 0
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.seq_len
+
+    @property
+    def epoch(self) -> int:
+        return self.cursor // self.n_windows
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:
+                del self._permutations[min(self._permutations)]
+            rng = np.random.default_rng([self.seed % 2**64, epoch])
+            self._permutations[epoch] = rng.permutation(self.n_windows)
+        return self._permutations[epoch]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch: ``(inputs, targets)``, int64 ``[micro_batch_size, seq_len]``."""
+        first = self.cursor + self.rank * self.micro_batch_size
+        samples = range(first, first + self.micro_batch_size)
+        windows = [int(self._permutation(g // self.n_windows)[g % self.n_windows]) for g in samples]
+        self.cursor += self.world_size * self.micro_batch_size
+        return read_windows(self.stream, windows, self.seq_len)
+
+    def __iter__(self) -> "TokenLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.next()
+
+    def state_dict(self) -> dict:
+        """Plain ints (safe for ``torch.load(weights_only=True)``): the cursor and what it is a cursor into."""
+        return {"cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        keys = ("seed", "seq_len", "n_windows")
+        changed = [f"{k} {state.get(k)} -> {mine[k]}" for k in keys if state.get(k) != mine[k]]
+        if changed:
+            raise UserError(
+                f"the checkpoint's data position belongs to other data or sampling ({', '.join(changed)}); "
+                "resume with the same data, data.seq_len and seed"
+            )
+        self.cursor = int(state["cursor"])
+
+
+# ---- the trainer's entry point -----------------------------------------------------------------------------
+
+
+class Data:
+    """A token directory opened for one data-parallel rank: vocabulary, training loader and validation batches."""
+
+    def __init__(
+        self, directory: Path, cfg: DataConfig, seed: int, rank: int, world_size: int, built_cache: bool, label: str
+    ):
+        meta = read_meta(directory, "data.path")
+        self.directory = directory
+        self.built_cache = built_cache  # this call tokenized the corpus: the first use of a cache entry
+        self.seq_len, self.seed, self.rank, self.world_size = cfg.seq_len, seed, rank, world_size
+        self.tokenizer_path = str(directory / meta["tokenizer"])
+        if cfg.tokenizer:
+            tokenizer = bpe.load_tokenizer(cfg.tokenizer, "data.tokenizer")
+        else:
+            tokenizer = bpe.load_tokenizer(self.tokenizer_path, "tokenizer")
+        self.vocab_size = tokenizer.get_vocab_size()
+        dtype = np.dtype(meta["dtype"])
+        if self.vocab_size > np.iinfo(dtype).max + 1:
+            raise UserError(
+                f"tokenizer {cfg.tokenizer or self.tokenizer_path!r} has {self.vocab_size} tokens, more than the "
+                f"{dtype.name} ids in {directory / 'meta.json'} can hold"
+            )
+        if cfg.tokenizer and bpe.file_sha256(Path(cfg.tokenizer).expanduser()) != meta["tokenizer_sha256"]:
+            raise UserError(
+                f"data.tokenizer={cfg.tokenizer!r} is not the tokenizer that wrote {directory}; leave data.tokenizer "
+                "empty to use the directory's own tokenizer.json"
+            )
+        self.eos_id = int(meta["eos_id"])
+        self.train = split_stream(directory, meta, "train")
+        self.val = split_stream(directory, meta, "val")
+        window = cfg.seq_len + 1
+        if len(self.train) < window:
+            raise UserError(
+                f"{label} holds {len(self.train)} training tokens, fewer than one window of "
+                f"data.seq_len + 1 = {window}; add data or lower data.seq_len"
+            )
+        if len(self.val) < window:
+            raise UserError(
+                f"the validation split of {label} holds {len(self.val)} tokens, fewer than one window of "
+                f"data.seq_len + 1 = {window}; raise data.val_fraction or add data"
+            )
+        self.train_tokens, self.val_tokens = len(self.train), len(self.val)
+        self.n_val_windows = (len(self.val) - 1) // cfg.seq_len
+
+    def train_loader(self, micro_batch_size: int) -> TokenLoader:
+        return TokenLoader(self.train, self.seq_len, micro_batch_size, self.seed, self.rank, self.world_size)
+
+    def val_batches(self, micro_batch_size: int, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation windows in order, rank-sliced like training; the same batches on every call.
+
+        Every rank gets the same number of batches: ``min(max_batches, n_val_windows // (world_size * m))``,
+        or all full steps when ``max_batches <= 0``.
+        """
+        step = self.world_size * micro_batch_size
+        batches = self.n_val_windows // step
+        if max_batches > 0:
+            batches = min(batches, max_batches)
+        if batches == 0:
+            raise UserError(
+                f"the validation split has {self.n_val_windows} windows of data.seq_len + 1 tokens, fewer than one "
+                f"batch of {step} (micro-batch {micro_batch_size} x {self.world_size} ranks); raise data.val_fraction"
+            )
+
+        def batches_of_this_rank() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for b in range(batches):
+                first = b * step + self.rank * micro_batch_size
+                yield read_windows(self.val, range(first, first + micro_batch_size), self.seq_len)
+
+        return batches_of_this_rank()
+
+
+def build_data(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> Data:
+    """Open ``cfg``'s data for data-parallel ``rank`` of ``world_size``, tokenizing and caching it on first use."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if cfg.seq_len < 1:
+        raise UserError(f"data.seq_len must be positive, got {cfg.seq_len}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.source == "shards":
+        if not cfg.path:
+            raise UserError(
+                "data.path is empty; with data.source=shards it names a directory written by `leantrain prepare-data`"
+            )
+        directory = Path(cfg.path).expanduser()
+        return Data(directory, cfg, seed, rank, world_size, False, f"data.path={cfg.path!r}")
+    if cfg.source in ("stdlib", "text"):
+        directory, built = cached_token_dir(cfg, progress=rank == 0)
+        label = "the stdlib corpus" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
+        return Data(directory, cfg, seed, rank, world_size, built, f"{label} (cached in {directory})")
+    raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
+
+
+# ---- the cache ---------------------------------------------------------------------------------------------
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("LEANTRAIN_CACHE") or "~/.cache/leantrain").expanduser()
+
+
+def cached_token_dir(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
+    """The cache entry holding ``cfg``'s stdlib or text corpus, tokenized; built first if missing.
+
+    The entry is keyed by the file list with sizes and mtimes, the tokenizer (its hash, or the BPE vocabulary
+    size to train) and the validation split, so editing any input makes a new entry. Returns it and whether
+    this call built it.
+    """
+    if cfg.source == "stdlib":
+        if cfg.path:
+            raise UserError(
+                f"data.path={cfg.path!r} is set but data.source is stdlib; set data.source to shards or text"
+            )
+        base, files = stdlib_files()
+        names = [p.relative_to(base).as_posix() for p in files]
+        read: Callable[[Path], Iterable[str]] = read_stdlib_file
+        identity = {"python": platform.python_implementation() + platform.python_version()}
+    else:
+        files = match_files([cfg.path], "data.path")
+        names = [str(p) for p in files]
+        text_key = cfg.text_key
+
+        def read(path: Path) -> Iterable[str]:
+            return read_documents(path, text_key, "data.path")
+
+        identity = {"text_key": cfg.text_key}
+    if cfg.tokenizer:
+        bpe.load_tokenizer(cfg.tokenizer, "data.tokenizer")
+        identity["tokenizer_sha256"] = bpe.file_sha256(Path(cfg.tokenizer).expanduser())
+    else:
+        identity["bpe_vocab_size"] = cfg.vocab_size
+    stats = [(name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in zip(names, files)]
+    key = json.dumps(
+        {"format": FORMAT_VERSION, "val_fraction": cfg.val_fraction, "files": stats, **identity}, sort_keys=True
+    )
+    entry = cache_root(cfg) / "data" / f"{cfg.source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    source = "stdlib" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
+
+    def build(out: Path) -> None:
+        started = time.perf_counter()
+        log.info("tokenizing %s (%d files) into %s: first use", source, len(files), entry)
+        if cfg.tokenizer:
+            tokenizer_file = Path(cfg.tokenizer).expanduser()
+        else:
+            train_texts = (
+                text for i, text in enumerate(corpus_documents(files, read)) if not is_validation(i, cfg.val_fraction)
+            )
+            tokenizer_file = out / "tokenizer.json"
+            bpe.train_bpe(train_texts, cfg.vocab_size).save(str(tokenizer_file))
+        total = sum(size for _, size, _ in stats)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True) as bar:
+            documents = corpus_documents(files, read, bar)
+            write_token_dir(documents, tokenizer_file, out, cfg.val_fraction, DEFAULT_SHARD_TOKENS, source)
+        log.info("tokenized %s in %.1f s", source, time.perf_counter() - started)
+
+    return entry, build_once(entry, build)
+
+
+def build_once(entry: Path, build: Callable[[Path], None]) -> bool:
+    """Make sure the directory ``entry`` exists, complete, calling ``build(tmp_dir)`` at most once across processes.
+
+    A lock file serialises builders, and the result appears by an atomic rename, so a reader without the lock
+    sees either no entry or a whole one. Returns whether this call built it.
+    """
+    if (entry / "meta.json").is_file():
+        return False
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (entry / "meta.json").is_file():
+            return False
+        if entry.exists():  # not ours to explain (no builder leaves one); rebuild rather than trust it
+            shutil.rmtree(entry)
+        tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        try:
+            build(tmp)
+            os.replace(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True
+
+
+# ---- leantrain prepare-data --------------------------------------------------------------------------------
+
+
+def prepare_data(
+    inputs: str | list[str],
+    tokenizer: str,
+    out: str,
+    text_key: str = "text",
+    val_fraction: float = 0.02,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = False,
+) -> dict:
+    """Tokenize local text/JSONL files (globs) into the token directory ``out`` for ``data.source=shards``.
+
+    Writes train and val shards, a copy of the tokenizer and ``meta.json``; returns the metadata. ``out`` must
+    not exist or be empty; it appears only once complete.
+    """
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {out!r} already exists and is not empty; choose a new directory")
+    tokenizer_file = Path(tokenizer).expanduser()
+    bpe.load_tokenizer(tokenizer_file, "--tokenizer")
+    files = match_files([inputs] if isinstance(inputs, str) else list(inputs), "INPUT_GLOB")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        total = sum(p.stat().st_size for p in files)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True) as bar:
+            documents = corpus_documents(files, lambda p: read_documents(p, text_key, "INPUT_GLOB"), bar)
+            meta = write_token_dir(documents, tokenizer_file, tmp, val_fraction, shard_tokens, f"INPUT_GLOB {inputs!r}")
+        os.replace(tmp, out_dir)  # an existing empty out_dir is replaced
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def prepare_data_main(argv: list[str]) -> int:
+    """``leantrain prepare-data INPUT_GLOB... --tokenizer PATH --out DIR``: the CLI front of ``prepare_data``."""
+    parser = argparse.ArgumentParser(
+        prog="leantrain prepare-data",
+        description="Tokenize local .txt/.jsonl files into uint16/uint32 token shards for data.source=shards.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT_GLOB", help="files or globs (quote them; ** recurses)")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH", help="a HF tokenizer.json")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new or empty output directory")
+    parser.add_argument("--text-key", default="text", metavar="K", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--val-fraction", type=float, default=0.02, metavar="F", help="share of documents held out")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N", help="tokens per shard")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    meta = prepare_data(
+        args.inputs, args.tokenizer, args.out, args.text_key, args.val_fraction, args.shard_tokens, progress=True
+    )
+    print(
+        f"wrote {args.out}: {meta['tokens']['train']:,} train tokens in {meta['documents']['train']:,} documents, "
+        f"{meta['tokens']['val']:,} validation tokens in {meta['documents']['val']:,} documents, "
+        f"{len(meta['shards'])} {meta['dtype']} shards, vocabulary {meta['vocab_size']:,}, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    return 0

@@ -1,0 +1,167 @@
+"""The training run: build the pieces in a fixed order, then one explicit loop.
+
+Order: world, config checks, data, model, loss, parallel wrap, optimizer, schedule, checkpointer
+(restore), metrics, loop. One optimizer step is: accumulate micro-batches (loss normalised by the
+global count of target tokens), clip, let the checkpointer wait, step, schedule, log, checkpoint.
+"""
+
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.manager import Checkpointer
+from ..nn.loss import IGNORE_INDEX, LanguageModelLoss
+from ..nn.model import Transformer, resolve_model_config
+from ..optim.build import build_optimizer
+from ..parallel.world import World, close_world, init_world
+from ..parallel.wrap import wrap_model
+from .config import Config, accumulation_steps, fingerprint, to_dict, to_yaml
+from .data import build_data
+from .metrics import MetricsLogger, perplexity
+from .schedule import build_scheduler
+
+
+class Progress:
+    """The trainer's own counters, checkpointed with everything else."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens_seen = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+class RNGState:
+    """This rank's random generators (torch CPU and CUDA, Python's ``random``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast(cfg: Config, world: World):
+    return torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.trainer.dtype == "bf16")
+
+
+@torch.no_grad()
+def evaluate(loss_module: LanguageModelLoss, data, cfg: Config, world: World) -> float:
+    """Mean validation loss per target token over all ranks."""
+    loss_module.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=world.device)
+    for inputs, targets in data.val_batches(cfg.trainer.micro_batch_size, cfg.trainer.eval_batches):
+        inputs, targets = inputs.to(world.device), targets.to(world.device)
+        with autocast(cfg, world):
+            totals[0] += loss_module(inputs, targets).double()
+        totals[1] += (targets != IGNORE_INDEX).sum()
+    loss_module.train()
+    world.all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) the configured training and return the last logged metrics."""
+    world = init_world(cfg.trainer.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        close_world()
+
+
+def _train(cfg: Config, world: World) -> dict[str, Any]:
+    tcfg = cfg.trainer
+    run_dir = Path(tcfg.run_dir)
+    accum = accumulation_steps(tcfg, world.world_size)
+    torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)
+
+    data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
+    model_cfg = resolve_model_config(cfg.model, data.vocab_size, cfg.data.seq_len)
+    model = Transformer(model_cfg).to(world.device)
+    loss_module = LanguageModelLoss(model, impl=cfg.loss.impl)
+    train_module = wrap_model(loss_module, cfg.parallel, world)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
+    loader = data.train_loader(tcfg.micro_batch_size)
+    progress = Progress()
+
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir, fingerprint(cfg), world.rank, world.world_size, world.barrier)
+    replicated = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
+    per_rank = {"data": loader, "rng": RNGState()}
+    start = checkpointer.restore(replicated, per_rank)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    metrics = MetricsLogger(cfg.logging, run_dir, tcfg.max_steps, start, world.is_main, to_dict(cfg))
+    if start:
+        metrics.event({"event": "resume", "step": start, "source": "disk"})
+    metrics.write(f"leantrain: {model.num_params():,} parameters, {world.world_size} rank(s) on {world.device}, "
+                  f"{accum} accumulation step(s), run dir {run_dir}")
+
+    last: dict[str, Any] = {"step": start}
+    if start == 0 and tcfg.eval_interval > 0:
+        val = evaluate(loss_module, data, cfg, world)
+        last = {"step": 0, "val_loss": val, "val_ppl": perplexity(val)}
+        metrics.event(last)
+    stop = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
+    window_start, window_tokens = time.perf_counter(), 0
+    while progress.step < stop:
+        micro_batches = [loader.next() for _ in range(accum)]
+        n_targets = world.all_reduce_sum(
+            torch.tensor(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches), device=world.device))
+        # DDP averages gradients over ranks; scaling by world size / global targets makes the
+        # gradient that of the mean loss over every target token of the global batch.
+        scale = world.world_size / n_targets.item()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            inputs, targets = inputs.to(world.device), targets.to(world.device)
+            is_last = i == accum - 1
+            sync = train_module.no_sync() if world.distributed and not is_last else nullcontext()
+            with sync:
+                with autocast(cfg, world):
+                    loss = train_module(inputs, targets)
+                (loss * scale).backward()
+            loss_sum += loss.detach().double()
+        clip = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        checkpointer.wait_before_step()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.tokens_seen += int(n_targets.item())
+        window_tokens += int(n_targets.item())
+
+        step = progress.step
+        evaluate_now = tcfg.eval_interval > 0 and (step % tcfg.eval_interval == 0 or step == stop)
+        if step % cfg.logging.log_interval == 0 or evaluate_now or step == stop:
+            elapsed = time.perf_counter() - window_start
+            last = {"step": step, "loss": world.all_reduce_sum(loss_sum).item() / n_targets.item(),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": progress.tokens_seen}
+            if evaluate_now:
+                last["val_loss"] = evaluate(loss_module, data, cfg, world)
+                last["val_ppl"] = perplexity(last["val_loss"])
+            metrics.log(last)
+            window_start, window_tokens = time.perf_counter(), 0
+        checkpointer.after_step(step, replicated, per_rank, force=step == stop)
+
+    if progress.step >= tcfg.max_steps:
+        checkpointer.save_final(model.state_dict(), {"config": to_yaml(cfg), "step": str(progress.step)})
+    metrics.close()
+    return last
