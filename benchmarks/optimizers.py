@@ -1,6 +1,6 @@
 """Low-rank optimizers side by side: state bytes and step time on 130m block weights; 350m step peak memory.
 
-    python benchmarks/optimizers.py                      # both parts, about 5-10 minutes on 2 cores
+    python benchmarks/optimizers.py                      # both parts, 5-15 minutes on 2 cores
     python benchmarks/optimizers.py --part state         # or --part memory
     python benchmarks/optimizers.py --memory-rank 256 --json out.json
 
@@ -8,7 +8,8 @@ Part 1, one process: the 84 block weights of the 130m preset (12 layers x wq, wk
 w1, w3 2048x768, w2 768x2048), with the paper's 130m settings (rank 256, scale 0.25, gap 200) and
 fixed random gradients. Optimizers: torch AdamW (foreach), galore-torch GaLoreAdamW, APOLLO
 (apollo-torch, random projection, channel-wise scaling), ours with exact and with randomized SVD,
-ours with exact SVD and staggered refreshes, and Natural GaLore (exact SVD, automatic history).
+ours with randomized SVD and staggered refreshes, and Natural GaLore (randomized SVD, automatic
+history).
 - State bytes: exact, summed over every tensor in the optimizer state, including the projection
   matrices galore-torch and APOLLO keep inside projector objects.
 - Step time: each optimizer owns a copy of the weights; after one untimed first step (state
@@ -16,7 +17,7 @@ ours with exact SVD and staggered refreshes, and Natural GaLore (exact SVD, auto
   step per optimizer, interleaved so that load from other processes falls on all alike, and the
   best round is kept. A refresh is forced by setting each matrix's step counter to a multiple of
   the gap (the counter every optimizer here tests); staggered: only one matrix refreshes (84
-  matrices over a gap of 200). Amortized = (refresh + (gap - 1) x ordinary) / gap: computed from
+  matrices over a gap of 200: the most any step pays for). Amortized = (refresh + (gap - 1) x ordinary) / gap: computed from
   the two measured times, not from running a whole gap.
 Part 2, a fresh process per optimizer: the 350m preset (fp32 weights), one training step of batch
 ``--batch`` x ``--seq`` tokens under bf16 autocast, as the trainer runs it: AdamW (fused, global
@@ -42,7 +43,7 @@ import warnings
 
 import torch
 
-from leantrain.optim.galore import GaLoreAdamW
+from leantrain.optim.galore import GaLoreAdamW, stagger_offsets
 from leantrain.optim.natural_galore import NaturalGaLoreAdamW
 
 DIM, HIDDEN, LAYERS = 768, 2048, 12
@@ -53,7 +54,7 @@ TARGETS = {"exact_amortized": 1.0, "randomized_refresh": 0.2, "randomized_amorti
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "state", "memory"), default="all")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per optimizer, interleaved")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per optimizer, interleaved")
     parser.add_argument("--ordinary", type=int, default=3, help="ordinary steps timed per round")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=256)
@@ -85,8 +86,9 @@ def make_optimizers(params: dict[str, list[torch.nn.Parameter]]) -> dict[str, to
         "apollo": APOLLOAdamW(group("apollo", proj="random", scale_type="channel"), lr=1e-3),
         "ours-exact": GaLoreAdamW(group("ours-exact"), lr=1e-3),
         "ours-randomized": GaLoreAdamW(group("ours-randomized"), lr=1e-3, svd="randomized"),
-        "ours-exact-stagger": GaLoreAdamW(group("ours-exact-stagger"), lr=1e-3, stagger=True),
-        "natural-galore": NaturalGaLoreAdamW(group("natural-galore"), lr=1e-3),
+        "ours-randomized-stagger": GaLoreAdamW(group("ours-randomized-stagger"), lr=1e-3, svd="randomized",
+                                               stagger=True),
+        "natural-galore": NaturalGaLoreAdamW(group("natural-galore"), lr=1e-3, svd="randomized"),
     }
 
 
@@ -115,13 +117,18 @@ def force_refresh(name: str, optimizer: torch.optim.Optimizer, round_index: int)
     """Set step counters to a multiple of the gap, so the next step recomputes the subspaces."""
     step = GAP * (round_index + 1)
     states = list(optimizer.state.values())
-    if name == "ours-exact-stagger":
-        states = states[6:7]  # one 768 x 2048 matrix: the most a step refreshes with 84 matrices over 200
+    if name == "ours-randomized-stagger":
+        # One 768 x 2048 matrix, at its own phase: the most a step refreshes with 84 matrices over 200.
+        states, step = states[6:7], step + stagger_offsets([GAP] * len(states), True)[6]
     for state in states:
         if isinstance(state.get("step"), torch.Tensor):
             state["step"].fill_(float(step))
         elif "step" in state:
             state["step"] = step
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def timed_step(optimizer: torch.optim.Optimizer) -> float:
@@ -139,14 +146,17 @@ def state_and_time(args: argparse.Namespace) -> dict:
         g = torch.randn(m, 64, generator=gen) @ torch.randn(64, n, generator=gen) + 0.1 * torch.randn(m, n, generator=gen)
         grads.append(g * 1e-3)
     init = [torch.randn(m, n, generator=gen) * 0.02 for m, n in shapes]
-    names = ["adamw", "galore-torch", "apollo", "ours-exact", "ours-randomized", "ours-exact-stagger",
+    names = ["adamw", "galore-torch", "apollo", "ours-exact", "ours-randomized", "ours-randomized-stagger",
              "natural-galore"]
     params = {name: [torch.nn.Parameter(x.clone()) for x in init] for name in names}
     for plist in params.values():
         for p, g in zip(plist, grads):
             p.grad = g
     optimizers = make_optimizers(params)
-    first = {name: timed_step(opt) for name, opt in optimizers.items()}  # creates state, first subspace
+    first = {}
+    for name, opt in optimizers.items():
+        first[name] = timed_step(opt)  # creates the state and the first subspaces
+        progress(f"{name}: first step {first[name]:.2f} s")
     ordinary = {name: [] for name in names}
     refresh = {name: [] for name in names}
     for r in range(args.rounds):
@@ -155,6 +165,7 @@ def state_and_time(args: argparse.Namespace) -> dict:
             ordinary[name].append(min(timed_step(opt) for _ in range(args.ordinary)))
             force_refresh(name, opt, r)
             refresh[name].append(timed_step(opt))
+            progress(f"round {r}, {name}: ordinary {ordinary[name][-1] * 1e3:.0f} ms, refresh {refresh[name][-1]:.2f} s")
     results = {}
     weight_bytes = sum(m * n for m, n in shapes) * 4
     for name in names:

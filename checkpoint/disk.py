@@ -101,7 +101,7 @@ def write_payload(staging: Path, name: str, payload: dict) -> None:
     """
     if not _PAYLOAD_NAME.fullmatch(name):
         raise ValueError(f"payload name {name!r} must be letters, digits, '_', '.', '-'")
-    _check_loadable(payload, name)
+    check_loadable(payload, name)
     staging = Path(staging)
     with open(staging / f"{name}.pt", "xb") as file:
         writer = _HashingWriter(file)
@@ -110,6 +110,28 @@ def write_payload(staging: Path, name: str, payload: dict) -> None:
         os.fsync(file.fileno())
     record = {"size": writer.size, "sha256": writer.sha256.hexdigest()}
     _write_synced(staging / f"{name}{_RECORD_SUFFIX}", json.dumps(record))
+
+
+def copy_payload(checkpoint: Path, name: str, staging: Path) -> None:
+    """Copy payload ``name`` of a committed checkpoint into ``staging``, checking it on the way.
+
+    The bytes are hashed as they stream through, so a damaged source is refused (CheckpointError
+    naming the file) without a second read; the copy is fsynced and gets its record like
+    ``write_payload``'s.
+    """
+    record = read_meta(checkpoint)["files"].get(name)
+    source = Path(checkpoint) / f"{name}.pt"
+    if record is None:
+        raise CheckpointError(f"{checkpoint} has no payload {name!r}")
+    with open(source, "rb") as reader, open(Path(staging) / f"{name}.pt", "xb") as file:
+        writer = _HashingWriter(file)
+        while chunk := reader.read(_READ_CHUNK):
+            writer.write(chunk)
+        file.flush()
+        os.fsync(file.fileno())
+    if writer.size != record["size"] or writer.sha256.hexdigest() != record["sha256"]:
+        raise CheckpointError(f"{source} is truncated or corrupt: its size or SHA-256 differs from {META_FILE}")
+    _write_synced(Path(staging) / f"{name}{_RECORD_SUFFIX}", json.dumps(record))
 
 
 def commit_staging(
@@ -216,13 +238,16 @@ def find_checkpoints(directory: Path) -> list[Path]:
     return [path for _, path in _step_dirs(Path(directory))]
 
 
-def latest_good_checkpoint(directory: Path) -> Path | None:
+def latest_good_checkpoint(directory: Path, newer_than: int = -1) -> Path | None:
     """The checkpoint ``latest`` names if it verifies, else the newest older one that does.
 
     Each damaged checkpoint skipped is reported with a warning. Checkpoints with a higher step than
-    ``latest`` (from a run that was rewound to an earlier step) are tried last.
+    ``latest`` (from a run that was rewound to an earlier step) are tried last. Only steps above
+    ``newer_than`` are considered.
     """
     for path in _resume_order(Path(directory)):
+        if int(_STEP_DIR.fullmatch(path.name)[1]) <= newer_than:
+            continue
         try:
             verify_checkpoint(path)
             return path
@@ -344,7 +369,7 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _check_loadable(value: Any, where: str) -> None:
+def check_loadable(value: Any, where: str) -> None:
     """Refuse at save time anything ``torch.load(weights_only=True)`` would refuse at resume time."""
     # Exact types: a subclass (IntEnum, namedtuple, defaultdict, DTensor) pickles as its own class.
     if type(value) in _TENSORS or type(value) in _PLAIN_SCALARS:
@@ -353,11 +378,11 @@ def _check_loadable(value: Any, where: str) -> None:
         for key, item in value.items():
             if type(key) not in _PLAIN_SCALARS:
                 raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; use str or int keys")
-            _check_loadable(item, f"{where}.{key}")
+            check_loadable(item, f"{where}.{key}")
         return
     if type(value) in (list, tuple, torch.Size):
         for index, item in enumerate(value):
-            _check_loadable(item, f"{where}[{index}]")
+            check_loadable(item, f"{where}[{index}]")
         return
     raise TypeError(
         f"{where} is a {type(value).__name__}: checkpoints hold only tensors, numbers, strings, bools, "

@@ -4,7 +4,9 @@
 objects in two groups: ``replicated`` states are the same on every rank and rank 0 writes them once
 (model and optimizer under DDP, LR schedule, step counters); ``per_rank`` states differ per rank and
 each rank writes its own ``rank_<r>`` file (RNG states, data position, sharded model/optimizer).
-All ranks must see one shared filesystem. The saves here are synchronous: training waits for them.
+All ranks must see one shared filesystem. With ``checkpoint.mode=sync`` the saves are synchronous:
+training waits for them. With ``lazy`` the same calls go to multilevel.py: snapshots in host memory
+held by a keeper process per node, disk checkpoints of the same layout streamed from them.
 """
 
 import json
@@ -14,7 +16,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import UserError
-from .config import CheckpointConfig
+from .config import MODES, CheckpointConfig
 from .disk import (
     FINAL_WEIGHTS_FILE,
     commit_staging,
@@ -31,6 +33,7 @@ from .disk import (
     write_payload,
     write_text_atomic,
 )
+from .multilevel import LazyCheckpointer, NodeLayout, SnapshotStats
 
 REPLICATED = "replicated"
 _RESTORE_DECISION_FILE = ".checkpoint-restore.json"
@@ -61,7 +64,10 @@ class Checkpointer:
         rank: int = 0,
         world_size: int = 1,
         barrier: Callable[[], None] | None = None,
+        layout: NodeLayout | None = None,
     ) -> None:
+        if cfg.mode not in MODES:
+            raise UserError(f"checkpoint.mode: unknown mode {cfg.mode!r}; choose {' or '.join(MODES)}")
         if cfg.interval < 0:
             raise UserError(f"checkpoint.interval must be >= 0 (0: no periodic saves), got {cfg.interval}")
         if cfg.keep < 1:
@@ -78,11 +84,29 @@ class Checkpointer:
             barrier = dist.barrier
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.restore_source: str | None = None
+        """Where the last ``restore`` loaded from (memory | peer | disk), None when it started fresh."""
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back from meta.json
         self.rank = rank
         self.world_size = world_size
         self._barrier = barrier or (lambda: None)
         self._last_saved_step = 0
+        self._lazy = None
+        if cfg.mode == "lazy":
+            self._lazy = LazyCheckpointer(self, layout or NodeLayout.from_env(rank, world_size))
+
+    @property
+    def stats(self) -> SnapshotStats | None:
+        """What lazy snapshots have cost the training loop so far (None in sync mode)."""
+        return None if self._lazy is None else self._lazy.stats
+
+    def barrier(self) -> None:
+        self._barrier()
+
+    def close(self, shutdown_keeper: bool = False) -> None:
+        """Lazy mode: finish the snapshot in flight and detach from the keeper (stopping it, if asked)."""
+        if self._lazy is not None:
+            self._lazy.close(shutdown_keeper)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -98,12 +122,15 @@ class Checkpointer:
         Returns 0 when the run starts fresh. Rank 0 chooses and fully verifies the checkpoint, then
         shares its choice (or its error) with the other ranks through a file in the run directory, so
         that every rank resumes from the same step or every rank fails with the same message.
+        In lazy mode memory snapshots come first (see multilevel.py); ``restore_source`` tells which.
         """
+        if self._lazy is not None:
+            return self._lazy.restore(replicated, per_rank)
         choice: Path | None = None
         failure: Exception | None = None
         if self.rank == 0:
             try:
-                choice = self._choose_checkpoint(replicated, per_rank)
+                choice = self.choose_checkpoint(replicated, per_rank)
             except Exception as error:
                 failure = error
             if self.world_size > 1:
@@ -131,6 +158,7 @@ class Checkpointer:
                 _load_states(per_rank, payloads[f"rank_{self.rank}"])
             step = content["step"]
             self._last_saved_step = step
+            self.restore_source = "disk"
         self._barrier()
         if self.rank == 0 and self.world_size > 1:
             (self.run_dir / _RESTORE_DECISION_FILE).unlink(missing_ok=True)
@@ -139,9 +167,11 @@ class Checkpointer:
     def wait_before_step(self) -> None:
         """Return once the optimizer may modify the saved state again.
 
-        Synchronous saves are complete when ``after_step`` returns, so this does nothing here. It is
-        the seam where an asynchronous checkpointer waits for its copies of the state to finish.
+        Synchronous saves are complete when ``after_step`` returns, so this does nothing in sync mode.
+        In lazy mode it waits for the copies of the last snapshot that have not finished yet.
         """
+        if self._lazy is not None:
+            self._lazy.wait_before_step()
 
     def after_step(
         self, step: int, replicated: dict[str, Stateful], per_rank: dict[str, Stateful], force: bool = False
@@ -151,7 +181,11 @@ class Checkpointer:
         A step already on disk (just saved, or just restored) is not saved again, nor is step 0 (the
         untrained start, which ``restore`` reports as a fresh start anyway). ``state_dict()`` of
         the replicated objects is called on rank 0 only, so it must not be a collective operation.
+        In lazy mode a snapshot is taken every ``memory_interval`` steps and returns at once (``force``
+        waits for it and its disk save: the run is stopping).
         """
+        if self._lazy is not None:
+            return self._lazy.after_step(step, replicated, per_rank, force)
         due = force or (self.cfg.interval > 0 and step % self.cfg.interval == 0)
         if not due or step < 1 or step == self._last_saved_step:
             return False
@@ -187,21 +221,30 @@ class Checkpointer:
     ) -> Path | None:
         """Rank 0 writes the full ``model_state`` to ``<run_dir>/final/model.safetensors``; returns the path.
 
-        Other ranks return None (their ``model_state`` is ignored) once the file is written.
+        Other ranks return None (their ``model_state`` is ignored) once the file is written. In lazy
+        mode the run is over: the keepers finish their disk saves and exit.
         """
+        if self._lazy is not None:
+            return self._lazy.save_final(model_state, metadata)
         path = None
         if self.rank == 0:
             path = write_final_weights(model_state, self.final_dir, metadata)
         self._barrier()
         return path
 
-    def _choose_checkpoint(
+    def choose_checkpoint(
         self, replicated: dict[str, Stateful], per_rank: dict[str, Stateful]
     ) -> Path | None:
-        """The verified checkpoint to resume from, or None to start fresh; UserError if neither is safe."""
+        """The verified disk checkpoint to resume from, or None to start fresh; UserError if neither is safe.
+
+        With ``checkpoint.level3_dir`` set, its checkpoints count too: the newer good one wins.
+        """
         directory = self.checkpoint_dir
         repair(directory)
-        existing = find_checkpoints(directory)
+        level3 = Path(self.cfg.level3_dir) if self.cfg.mode == "lazy" and self.cfg.level3_dir else None
+        if level3 is not None:
+            repair(level3)
+        existing = find_checkpoints(directory) + (find_checkpoints(level3) if level3 is not None else [])
         final_weights = self.final_dir / FINAL_WEIGHTS_FILE
         mode = self.cfg.resume.strip()
         if mode == "never":
@@ -221,9 +264,13 @@ class Checkpointer:
                     )
                 return None
             path = latest_good_checkpoint(directory)
+            if level3 is not None:
+                newer = latest_good_checkpoint(level3, newer_than=-1 if path is None else _step(path))
+                path = newer or path
             if path is None:
+                where = directory if level3 is None else f"{directory} and {level3}"
                 raise UserError(
-                    f"every checkpoint in {directory} is damaged (see the warnings); delete them, or set "
+                    f"every checkpoint in {where} is damaged (see the warnings); delete them, or set "
                     "checkpoint.resume to a good step_N directory"
                 )
         else:
@@ -256,6 +303,10 @@ class Checkpointer:
                 f"{self.world_size}: its per-rank state {saved['per_rank']} cannot be redistributed; "
                 f"resume with {saved.get('world_size')} ranks"
             )
+
+
+def _step(path: Path) -> int:
+    return int(path.name.rsplit("_", 1)[1])
 
 
 def _load_states(objects: dict[str, Stateful], states: dict[str, Any]) -> None:

@@ -103,7 +103,7 @@ class BalanceCollector:
         self._micro_steps = 0
 
     def set_domains(self, domains: torch.Tensor | None) -> None:
-        """Domain index of each sequence of the next micro-batch ([B] integers), or None."""
+        """Domain index of each sequence of the next micro-batch ([B] integers), or None; loss() clears it."""
         if domains is not None:
             if not self.domain_names:
                 raise UserError("the batch carries domain labels but no domain names were given to the MoE statistics")
@@ -150,6 +150,7 @@ class BalanceCollector:
         ``global`` mode it all-reduces over the group, so every rank must call it every micro-step.
         """
         records, self._pending = self._pending, {}
+        self._domains = None
         if not records:
             return torch.zeros(())
         layers = sorted(records)

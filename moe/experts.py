@@ -1,13 +1,14 @@
 """Routed SwiGLU experts with dropless dispatch.
 
 Every (token, chosen expert) pair is processed; nothing is dropped for capacity. The pairs are
-sorted by expert so each expert's tokens are one contiguous block of rows, then each projection
-is one grouped matmul over those blocks (``torch._grouped_mm``) or one plain matmul per expert.
-The outputs, scaled by the gate weights, are summed back into token order with ``index_add_``.
+sorted by expert so that each expert's rows are contiguous, then the experts run either as one
+``torch._grouped_mm`` per projection or as a loop of plain matmuls over each expert's rows. The
+outputs, scaled by the gate weights, are summed back per token.
 
-The SwiGLU of all experts is one autograd function: it keeps only its input rows and the
-gate/up projection for the backward pass and recomputes the activation there, so an MoE layer holds
-no more activation memory than its dense equivalent at the same active width.
+Dispatch and combine are permutations, so their backward passes are gathers through the inverse
+permutation rather than the scatter-adds (``index_add_``) autograd would derive, several times
+slower on CPU. The experts' SwiGLU is one autograd function that keeps only its input rows and the
+gate/up projection and recomputes the activation in the backward pass.
 """
 
 import torch
@@ -18,6 +19,7 @@ from ..errors import UserError
 from .router import Routing
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BLOCK_BYTES = 8 << 20
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, dims: tuple[int, ...]) -> bool:
@@ -32,83 +34,123 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device, dims: tuple[i
     return device.type == "cpu"
 
 
-class _GroupedProducts:
-    """The three products of a grouped linear layer over expert blocks of rows.
-
-    Rows ``ends[e-1]:ends[e]`` of the inputs belong to expert e. ``grouped`` selects
-    ``torch._grouped_mm``; otherwise one ``torch.mm`` per expert writes into its slice of the output.
-    """
-
-    def __init__(self, counts: torch.Tensor, grouped: bool):
-        self.grouped = grouped
-        self.offsets = counts.cumsum(0).to(torch.int32)
-        ends = self.offsets.tolist()
-        self.blocks = [(e, start, end) for e, (start, end) in enumerate(zip([0] + ends[:-1], ends)) if end > start]
-        self.empty = [e for e, n in enumerate(counts.tolist()) if n == 0]
-
-    def forward(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """rows [S, K] @ weight[e] [K, N] for each expert's block -> [S, N]."""
-        if self.grouped:
-            return torch._grouped_mm(rows, weight, offs=self.offsets)
-        out = rows.new_empty(rows.shape[0], weight.shape[2])
-        for e, start, end in self.blocks:
-            torch.mm(rows[start:end], weight[e], out=out[start:end])
-        return out
-
-    def weight_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """rows[block e].T @ grad[block e] for each expert -> [E, K, N]; zero for experts without tokens."""
-        num_experts = self.offsets.shape[0]
-        if self.grouped:
-            out = torch._grouped_mm(rows.t(), grad, offs=self.offsets)
-            if self.empty:
-                out[self.empty] = 0
-            return out
-        out = rows.new_zeros(num_experts, rows.shape[1], grad.shape[1]) if self.empty else \
-            rows.new_empty(num_experts, rows.shape[1], grad.shape[1])
-        for e, start, end in self.blocks:
-            torch.mm(rows[start:end].t(), grad[start:end], out=out[e])
-        return out
+def _swiglu(gate_up_out: torch.Tensor, hidden: int) -> torch.Tensor:
+    """silu(gate) * up from the [rows, 2H] output of the fused gate/up projection."""
+    act = F.silu(gate_up_out[:, :hidden])
+    return act.mul_(gate_up_out[:, hidden:])
 
 
-class _SwiGLUExperts(torch.autograd.Function):
-    """y[rows of e] = (silu(x W_g[e]) * x W_u[e]) W_d[e] for rows sorted by expert e.
+def _swiglu_backward(gate_up_out: torch.Tensor, silu_gate: torch.Tensor, grad_act: torch.Tensor,
+                     hidden: int) -> torch.Tensor:
+    """Gradient with respect to gate_up_out, given silu(gate); overwrites grad_act."""
+    grad = torch.empty_like(gate_up_out)
+    torch.mul(grad_act, silu_gate, out=grad[:, hidden:])
+    grad_act.mul_(gate_up_out[:, hidden:])
+    torch.ops.aten.silu_backward.grad_input(grad_act, gate_up_out[:, :hidden], grad_input=grad[:, :hidden])
+    return grad
 
-    gate_up [E, D, 2H] holds W_g in its first H columns and W_u in the last H; down is [E, H, D].
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """y[rows of e] = SwiGLU_e(rows of e) for rows sorted by expert, one torch._grouped_mm per product.
+
+    gate_up [E, D, 2H] holds W_gate in its first H columns and W_up in the last H; down is [E, H, D].
+    Only the input rows and the gate/up output are kept for the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                products: _GroupedProducts) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate_up_out = torch._grouped_mm(rows, gate_up, offs=offsets)
+        out = torch._grouped_mm(_swiglu(gate_up_out, down.shape[1]), down, offs=offsets)
+        ctx.save_for_backward(rows, gate_up_out, gate_up, down, offsets, counts)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        rows, gate_up_out, gate_up, down, offsets, counts = ctx.saved_tensors
         hidden = down.shape[1]
-        with torch.autocast(rows.device.type, enabled=False):
-            gate_up_out = products.forward(rows, gate_up)
-            act = F.silu(gate_up_out[:, :hidden])
-            act.mul_(gate_up_out[:, hidden:])
-            out = products.forward(act, down)
+        grad_out = grad_out.contiguous()
+        silu_gate = F.silu(gate_up_out[:, :hidden])
+        grad_down = torch._grouped_mm((silu_gate * gate_up_out[:, hidden:]).t(), grad_out, offs=offsets)
+        grad_act = torch._grouped_mm(grad_out, down.transpose(1, 2), offs=offsets)
+        grad_gate_up_out = _swiglu_backward(gate_up_out, silu_gate, grad_act, hidden)
+        del silu_gate, grad_act
+        grad_rows = torch._grouped_mm(grad_gate_up_out, gate_up.transpose(1, 2), offs=offsets)
+        grad_gate_up = torch._grouped_mm(rows.t(), grad_gate_up_out, offs=offsets)
+        # The weight gradients of experts without tokens must be zero, whatever the kernel leaves there.
+        idle = counts == 0
+        grad_gate_up[idle] = 0
+        grad_down[idle] = 0
+        return grad_rows, grad_gate_up, grad_down, None
+
+
+class _BlockedSwiGLU(torch.autograd.Function):
+    """The same function, one plain matmul per expert and block of rows.
+
+    Each block's SwiGLU and its gradient are computed right after its matmul, while the block is
+    still in cache, and every temporary is one block in size: on CPU this avoids the page faults of
+    allocating whole-batch temporaries (glibc returns allocations above 32 MiB to the system on free).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, blocks: list) -> torch.Tensor:
+        hidden = down.shape[1]
+        gate_up_out = rows.new_empty(rows.shape[0], gate_up.shape[2])
+        out = rows.new_empty(rows.shape[0], down.shape[2])
+        for expert, start, end, _ in blocks:
+            block = torch.mm(rows[start:end], gate_up[expert], out=gate_up_out[start:end])
+            torch.mm(_swiglu(block, hidden), down[expert], out=out[start:end])
         ctx.save_for_backward(rows, gate_up_out, gate_up, down)
-        ctx.products = products
+        ctx.blocks = blocks
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         rows, gate_up_out, gate_up, down = ctx.saved_tensors
-        products: _GroupedProducts = ctx.products
         hidden = down.shape[1]
-        gate, up = gate_up_out[:, :hidden], gate_up_out[:, hidden:]
-        with torch.autocast(rows.device.type, enabled=False):
-            grad_out = grad_out.contiguous().to(rows.dtype)
-            silu_gate = F.silu(gate)
-            grad_down = products.weight_grad(silu_gate * up, grad_out)
-            grad_act = products.forward(grad_out, down.transpose(1, 2))
-            grad_gate_up = torch.empty_like(gate_up_out)
-            torch.mul(grad_act, silu_gate, out=grad_gate_up[:, hidden:])
-            del silu_gate
-            grad_act.mul_(up)
-            torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_gate_up[:, :hidden])
-            del grad_act
-            grad_rows = products.forward(grad_gate_up, gate_up.transpose(1, 2))
-            grad_weight_gate_up = products.weight_grad(rows, grad_gate_up)
-        return grad_rows, grad_weight_gate_up, grad_down, None
+        grad_out = grad_out.contiguous()
+        grad_rows = torch.empty_like(rows)
+        grad_gate_up = torch.empty_like(gate_up) if ctx.needs_input_grad[1] else None
+        grad_down = torch.empty_like(down)
+        idle = sorted(set(range(gate_up.shape[0])) - {expert for expert, *_ in ctx.blocks})
+        grad_down[idle] = 0
+        if grad_gate_up is not None:
+            grad_gate_up[idle] = 0
+        for expert, start, end, first in ctx.blocks:
+            block, grad_block = gate_up_out[start:end], grad_out[start:end]
+            silu_gate = F.silu(block[:, :hidden])
+            act = silu_gate * block[:, hidden:]
+            _mm_into(grad_down[expert], act.t(), grad_block, first)
+            grad_act = torch.mm(grad_block, down[expert].t())
+            grad_block_out = _swiglu_backward(block, silu_gate, grad_act, hidden)
+            torch.mm(grad_block_out, gate_up[expert].t(), out=grad_rows[start:end])
+            if grad_gate_up is not None:
+                _mm_into(grad_gate_up[expert], rows[start:end].t(), grad_block_out, first)
+        return grad_rows, grad_gate_up, grad_down, None
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b for an expert's first block, out += a @ b for the next ones."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
+def _block_rows(width: int, element_size: int) -> int:
+    """Rows per block of the per-expert loop: [rows, width] temporaries of about _BLOCK_BYTES, and
+    at least 256 rows so that each matmul stays efficient."""
+    return max(256, _BLOCK_BYTES // (width * element_size))
+
+
+def _row_blocks(counts: list[int], max_rows: int) -> list[tuple[int, int, int, bool]]:
+    """(expert, start, end, first block of the expert) for rows sorted by expert, at most max_rows each."""
+    blocks, start = [], 0
+    for expert, count in enumerate(counts):
+        for offset in range(0, count, max_rows):
+            blocks.append((expert, start + offset, start + min(count, offset + max_rows), offset == 0))
+        start += count
+    return blocks
 
 
 class _Dispatch(torch.autograd.Function):
@@ -156,7 +198,8 @@ class Experts(nn.Module):
     """E SwiGLU experts stored as 3-D weights: ``gate_up`` [E, dim, 2*hidden], ``down`` [E, hidden, dim].
 
     ``impl``: ``grouped_mm`` (``torch._grouped_mm``; an error where it cannot run), ``loop`` (one
-    matmul per expert) or ``auto`` (grouped_mm where it runs, else the loop).
+    matmul per expert and block of rows) or ``auto`` (the loop on CPU; grouped_mm on GPUs where it
+    runs, else the loop).
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, impl: str = "auto"):
@@ -175,7 +218,9 @@ class Experts(nn.Module):
         nn.init.normal_(self.down, mean=0.0, std=out_std)
 
     def _use_grouped_mm(self, dtype: torch.dtype, device: torch.device) -> bool:
-        if self.impl == "loop":
+        # auto: on GPUs one grouped kernel beats a launch per expert; on CPU the blocked loop is as
+        # fast (benchmarks/moe.py) and holds block-sized temporaries instead of whole-batch ones.
+        if self.impl == "loop" or (self.impl == "auto" and device.type == "cpu"):
             return False
         dim, hidden = self.down.shape[2], self.down.shape[1]
         supported = grouped_mm_supported(dtype, device, (dim, hidden))
@@ -193,10 +238,15 @@ class Experts(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.shape[0], device=order.device)
         token = order.div(top_k, rounding_mode="floor")
-        products = _GroupedProducts(counts, self._use_grouped_mm(dtype, x.device))
-        rows = _Dispatch.apply(x.to(dtype), token, inverse)
-        out_rows = _SwiGLUExperts.apply(rows, self.gate_up.to(dtype), self.down.to(dtype), products)
-        return _Combine.apply(out_rows, routing.weights.flatten()[order], token, inverse, top_k)
+        gate_up, down = self.gate_up.to(dtype), self.down.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            rows = _Dispatch.apply(x.to(dtype), token, inverse)
+            if self._use_grouped_mm(dtype, x.device):
+                out_rows = _GroupedSwiGLU.apply(rows, gate_up, down, counts)
+            else:
+                blocks = _row_blocks(counts.tolist(), _block_rows(gate_up.shape[2], gate_up.element_size()))
+                out_rows = _BlockedSwiGLU.apply(rows, gate_up, down, blocks)
+            return _Combine.apply(out_rows, routing.weights.flatten()[order], token, inverse, top_k)
 
     def flops_per_token(self, top_k: int) -> int:
         """Matmul FLOPs of one token's forward pass through its k experts (backward is twice this)."""

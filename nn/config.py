@@ -37,3 +37,5 @@ class ModelConfig:
     """Recompute each block's activations in the backward pass."""
     compile: bool = False
     """Compile each block with torch.compile."""
+    hf: str = ""
+    """A local Hugging Face causal-LM directory to train instead of a preset: config.json only (from scratch) or with weights (fine-tuning)."""

@@ -528,7 +528,7 @@ def _triton_backward(e2d, c, bias, lse, row_loss_grad, lse_grad, spec: _CallSpec
 
 
 def _scatter_rows(de_rows: torch.Tensor, rows: RowSelection, e2d: torch.Tensor) -> torch.Tensor:
-    if rows.e_rows is None and e2d.shape[0] == rows.count:
+    if rows.e_rows is None:
         return de_rows.to(e2d.dtype)
     de = torch.zeros_like(e2d)
     return de.index_copy_(0, rows.e_rows, de_rows.to(e2d.dtype))
@@ -546,7 +546,8 @@ class _Chunker:
         self.c = c if c.dtype == dtype else c.to(dtype)
         self.bias = None if bias is None else bias.float()
         vocab = c.shape[0]
-        self.size = min(chunk_rows(vocab, dtype, spec.options.softcap, spec.options.chunk_bytes), max(self.rows.count, 1))
+        budget_rows = chunk_rows(vocab, dtype, spec.options.softcap, spec.options.chunk_bytes)
+        self.size = min(budget_rows, max(self.rows.count, 1))
         self.logits = torch.empty(self.size, vocab, dtype=torch.float32, device=e2d.device)
         self.tanh = torch.empty_like(self.logits) if spec.options.softcap is not None else None
 

@@ -1,4 +1,4 @@
-"""The ``leantrain`` command: train, prepare-data.
+"""The ``leantrain`` command: train, prepare-data, export.
 
 User mistakes (``UserError``) end in one line on stderr and exit code 2, without a traceback.
 """
@@ -24,6 +24,12 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return prepare_data_main(args.rest)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_main
+
+    return export_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leantrain", description="Memory-efficient training for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                                   add_help=False)
     prepare.add_argument("rest", nargs=argparse.REMAINDER)
     prepare.set_defaults(run=_prepare_data)
+
+    export = commands.add_parser("export", help="write a run as a Hugging Face model directory", add_help=False)
+    export.add_argument("rest", nargs=argparse.REMAINDER)
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -6,6 +6,7 @@ global count of target tokens), clip, let the checkpointer wait, step, schedule,
 """
 
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.manager import Checkpointer
+from ..nn.hf import HFCausalLMAdapter, load_hf_model
 from ..nn.loss import IGNORE_INDEX, LanguageModelLoss
 from ..nn.model import Transformer, resolve_model_config
 from ..optim.build import build_optimizer
@@ -55,6 +57,17 @@ class RNGState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """leantrain's Transformer from the preset, or a local Hugging Face causal LM (``model.hf``)."""
+    if cfg.model.hf:
+        model = HFCausalLMAdapter(load_hf_model(cfg.model.hf, torch.float32, cfg.trainer.seed))
+        model.check_tokenizer(vocab_size)
+        if cfg.model.activation_checkpointing:
+            model.hf_model.gradient_checkpointing_enable()
+        return model
+    return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len))
+
+
 def autocast(cfg: Config, world: World):
     return torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.trainer.dtype == "bf16")
 
@@ -91,8 +104,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     random.seed(tcfg.seed)
 
     data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
-    model_cfg = resolve_model_config(cfg.model, data.vocab_size, cfg.data.seq_len)
-    model = Transformer(model_cfg).to(world.device)
+    model = build_model(cfg, data.vocab_size).to(world.device)
     loss_module = LanguageModelLoss(model, impl=cfg.loss.impl)
     train_module = wrap_model(loss_module, cfg.parallel, world)
     optimizer = build_optimizer(cfg.optim, model)
@@ -107,9 +119,13 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
+        if cfg.model.hf:  # what `leantrain export` needs to rebuild the model
+            model.hf_model.config.save_pretrained(run_dir / "hf_config")
+            model.hf_model.generation_config.save_pretrained(run_dir / "hf_config")
     metrics = MetricsLogger(cfg.logging, run_dir, tcfg.max_steps, start, world.is_main, to_dict(cfg))
     if start:
-        metrics.event({"event": "resume", "step": start, "source": "disk"})
+        metrics.event({"event": "resume", "step": start, "source": checkpointer.restore_source})
     metrics.write(f"leantrain: {model.num_params():,} parameters, {world.world_size} rank(s) on {world.device}, "
                   f"{accum} accumulation step(s), run dir {run_dir}")
 

@@ -109,3 +109,26 @@ def test_grouped_mm_needs_aligned_rows():
         experts(torch.randn(5, 6), routing, counts)
     experts.impl = "auto"  # falls back to the loop
     assert experts(torch.randn(5, 6), routing, counts).shape == (5, 6)
+
+
+def test_loop_splits_large_experts_into_blocks(monkeypatch):
+    """Experts with more rows than a block accumulate their weight gradients over blocks."""
+    import leantrain.moe.experts as experts_module
+
+    monkeypatch.setattr(experts_module, "_block_rows", lambda width, element_size: 4)
+    torch.manual_seed(3)
+    experts = Experts(8, 12, NUM_EXPERTS, impl="loop").double()
+    x = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    routing = make_routing(23, torch.float64, seed=3)
+    counts = torch.bincount(routing.experts.flatten(), minlength=NUM_EXPERTS)
+    assert counts.max() > 8  # three blocks or more for some expert
+    grad_out = torch.randn(23, 8, dtype=torch.float64)
+    got = run(experts, x, routing, grad_out)
+    gate_up = experts.gate_up.detach().clone().requires_grad_(True)
+    down = experts.down.detach().clone().requires_grad_(True)
+    x64 = x.detach().clone().requires_grad_(True)
+    weights = routing.weights.detach().clone().requires_grad_(True)
+    ref = reference_forward(x64, gate_up, down, Routing(routing.logits, routing.probs, routing.experts, weights))
+    ref.backward(grad_out)
+    for g, e in zip(got, (ref, x64.grad, gate_up.grad, down.grad, weights.grad)):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,11 @@ import torch
 from leantrain.nn.config import ModelConfig
 from leantrain.nn.model import Transformer, resolve_model_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # raised inside torch's own compile stack, not by leantrain
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")

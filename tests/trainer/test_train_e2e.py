@@ -52,6 +52,16 @@ def test_train_writes_config_metrics_checkpoints_and_final(tiny_overrides, tmp_p
     assert "model.safetensors" in {p.name for p in (run / "final").iterdir()}
 
 
+def test_progress_bar_and_offline_wandb(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    result = run_leantrain(["train", "quickstart", *tiny_overrides, "trainer.max_steps=3", "logging.progress=true",
+                            "logging.wandb.mode=offline"])
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stderr and "3/3" in result.stderr
+    assert list((run / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    assert (run / "tokenizer.json").is_file()
+
+
 def test_resume_is_bitwise_identical(tiny_overrides, tmp_path):
     straight = tmp_path / "straight"
     split = tmp_path / "split"
@@ -125,3 +135,31 @@ def test_truncated_checkpoint_fails_cleanly_and_untouched(tiny_overrides, tmp_pa
     result = run_leantrain(["train", "quickstart", *common])  # auto: no good checkpoint left to resume from
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert snapshot(run) == before
+
+
+def test_hf_llama_trains_resumes_and_exports(tiny_overrides, tmp_path):
+    from transformers import LlamaConfig
+
+    hf_dir = tmp_path / "llama"
+    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(hf_dir)
+    run = tmp_path / "run"
+    common = ["train", "quickstart", *tiny_overrides, f"model.hf={hf_dir}", "trainer.max_steps=6",
+              "checkpoint.interval=3"]
+    first = run_leantrain([*common, "trainer.stop_at_step=3"])
+    assert first.returncode == 0, first.stderr
+    second = run_leantrain(common)
+    assert second.returncode == 0, second.stderr
+    losses = step_losses(run)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    exported = tmp_path / "export"
+    result = run_leantrain(["export", str(run), "--out", str(exported)])
+    assert result.returncode == 0, result.stderr
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    final = load_file(run / "final" / "model.safetensors")
+    state = model.state_dict()
+    for name, tensor in final.items():
+        assert torch.equal(state[name], tensor), name

@@ -1,0 +1,100 @@
+"""A trainer's side of its node's keeper: find it (starting it if this is local rank 0) and talk to it."""
+
+import mmap
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from . import wire
+from .keeper import record_path, socket_name
+
+
+class KeeperClient:
+    """One trainer's connection to the keeper of its node; thread-safe (the copier thread commits)."""
+
+    def __init__(self, connection: socket.socket, node: int, local_rank: int) -> None:
+        self.connection, self.node, self.local_rank = connection, node, local_rank
+        self._lock = threading.Lock()
+        self._mappings: dict[int, mmap.mmap] = {}
+
+    @classmethod
+    def attach(cls, run_dir: Path, node: int, local_rank: int, start: bool, host: str, idle_s: float,
+               timeout_s: float) -> "KeeperClient":
+        """Connect to the node's keeper; if ``start`` and none answers, launch one, detached, and wait for it."""
+        deadline = time.monotonic() + timeout_s
+        launched = False
+        while True:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                connection.connect(socket_name(run_dir, node))
+                return cls(connection, node, local_rank)
+            except (FileNotFoundError, ConnectionRefusedError):
+                connection.close()
+            if start and not launched:
+                launch_keeper(run_dir, node, host, idle_s, timeout_s)
+                launched = True
+            if time.monotonic() > deadline:
+                log = record_path(run_dir, node).with_suffix(".log")
+                raise UserError(
+                    f"the snapshot keeper of node {node} did not answer within checkpoint.keeper_timeout_s="
+                    f"{timeout_s:g} s (its log: {log})"
+                )
+            time.sleep(0.1)
+
+    def call(self, op: str, **fields: Any) -> tuple[dict, list[int]]:
+        with self._lock:
+            reply, _, fds = wire.request(self.connection, {"op": op, **fields})
+        return reply, fds
+
+    def tell(self, op: str, **fields: Any) -> None:
+        """A request without an answer (commit, complete): it is in the keeper's hands once sent."""
+        with self._lock:
+            wire.send(self.connection, {"op": op, **fields})
+
+    def mapping(self, uid: int, fd: int, capacity: int) -> mmap.mmap:
+        """The shared memory of slot ``uid``, mapped once; ``fd`` is closed either way."""
+        try:
+            if uid not in self._mappings:
+                self._mappings[uid] = mmap.mmap(fd, capacity)
+        finally:
+            os.close(fd)
+        return self._mappings[uid]
+
+    def close(self) -> None:
+        for memory in self._mappings.values():
+            try:
+                memory.close()
+            except BufferError:  # a tensor still views it; the mapping goes with the process
+                pass
+        self._mappings.clear()
+        self.connection.close()
+
+
+def launch_keeper(run_dir: Path, node: int, host: str, idle_s: float, timeout_s: float) -> None:
+    """Start a keeper in its own session, detached (it daemonises), logging to ``keepers/node_<n>.log``."""
+    log_path = record_path(run_dir, node).with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "leantrain.checkpoint.keeper", "--run-dir", str(Path(run_dir).resolve()),
+               "--node", str(node), "--host", host, "--idle-s", str(idle_s), "--timeout-s", str(timeout_s),
+               "--detach"]
+    with open(log_path, "ab") as log:
+        launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    start_new_session=True, close_fds=True, env=env)
+    threading.Thread(target=launcher.wait, daemon=True).start()  # reaps the launcher, which forks and exits
+
+
+def advertised_host() -> str:
+    """This node's address as the other nodes reach it: the local end of a route to MASTER_ADDR."""
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((master, int(os.environ.get("MASTER_PORT", "29500"))))
+        return probe.getsockname()[0]
