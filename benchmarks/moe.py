@@ -45,10 +45,14 @@ def keep_freed_memory() -> None:
         raise RuntimeError("mallopt failed")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def _timed(fn) -> float:
-    start = time.perf_counter()
+    start = _clock()
     fn()
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def hf_block(layer: MoELayer, impl: str):
@@ -90,7 +94,7 @@ def layer_throughput(args) -> None:
     seq = min(tokens, 1024)
     flops = 18 * args.top_k * args.dim * args.intermediate * tokens
     print(f"\n# Part 1: forward+backward of one MoE layer: {tokens} tokens, dim {args.dim}, intermediate "
-          f"{args.intermediate}, {args.experts} experts, top-{args.top_k}, {torch.get_num_threads()} threads")
+          f"{args.intermediate}, {args.experts} experts, top-{args.top_k}")
     base = MoELayer(args.dim, args.intermediate, MoEConfig(num_experts=args.experts, top_k=args.top_k))
     x = torch.randn(tokens // seq, seq, args.dim)
     for dtype_name in args.dtypes:
@@ -201,14 +205,23 @@ def main() -> None:
     parser.add_argument("--balance-steps", type=int, default=10)
     parser.add_argument("--balance-batch", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="cpu: process CPU time, which time other processes take does not inflate "
+                             "(use with --threads 1 on a busy machine)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc: no per-allocation mmap, no trimming (see keep_freed_memory)")
     parser.add_argument("--skip-layer", action="store_true", help="skip part 1")
     parser.add_argument("--skip-balance", action="store_true", help="skip part 2")
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.keep_freed_memory:
         keep_freed_memory()
-    print(f"allocator: glibc {'keeping freed memory' if args.keep_freed_memory else 'defaults'}")
+    print(f"{torch.get_num_threads()} threads, {args.clock} clock, glibc allocator "
+          f"{'keeping freed memory' if args.keep_freed_memory else 'defaults'}")
     if not args.skip_layer:
         layer_throughput(args)
     if not args.skip_balance:

@@ -19,7 +19,7 @@ from ..errors import UserError
 from .router import Routing
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BLOCK_BYTES = 8 << 20
+_BLOCK_BYTES = 16 << 20
 
 
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device, dims: tuple[int, ...]) -> bool:

@@ -1,4 +1,4 @@
-"""The ``leantrain`` command: train, prepare-data, export.
+"""The ``leantrain`` command: train, prepare-data, export, plot.
 
 User mistakes (``UserError``) end in one line on stderr and exit code 2, without a traceback.
 """
@@ -30,6 +30,12 @@ def _export(args: argparse.Namespace) -> int:
     return export_main(args.rest)
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from .plot import plot_main
+
+    return plot_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leantrain", description="Memory-efficient training for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -48,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run as a Hugging Face model directory", add_help=False)
     export.add_argument("rest", nargs=argparse.REMAINDER)
     export.set_defaults(run=_export)
+
+    plot = commands.add_parser("plot", help="plot loss curves of runs into a PNG", add_help=False)
+    plot.add_argument("rest", nargs=argparse.REMAINDER)
+    plot.set_defaults(run=_plot)
     return parser
 
 

@@ -163,3 +163,19 @@ def test_hf_llama_trains_resumes_and_exports(tiny_overrides, tmp_path):
     state = model.state_dict()
     for name, tensor in final.items():
         assert torch.equal(state[name], tensor), name
+
+
+def test_plot_two_runs(tiny_overrides, tmp_path):
+    runs = []
+    for lr in ("1e-3", "3e-3"):
+        run = tmp_path / f"lr{lr}"
+        assert run_leantrain(["train", "quickstart", *tiny_overrides, f"optim.lr={lr}", "trainer.max_steps=5",
+                              f"trainer.run_dir={run}"]).returncode == 0
+        runs.append(str(run))
+    out = tmp_path / "plots" / "loss.png"
+    result = run_leantrain(["plot", *runs, "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    missing = run_leantrain(["plot", str(tmp_path / "nope"), "--out", str(out)])
+    assert_clean_failure(missing, "nope")
