@@ -102,11 +102,11 @@ def layer_throughput(args) -> None:
         square = torch.randn(args.peak_size, args.peak_size, dtype=dtype)
         peak_time = float("inf")
         cases = {}
-        for impl in ("grouped_mm", "loop"):
+        for impl in ("loop", "grouped_mm"):
             cases[f"leantrain {impl}"] = (_with_impl(base, impl).to(dtype), contextlib.nullcontext, dtype)
         if dtype != torch.float32:
-            cases["leantrain grouped_mm, autocast, fp32 params"] = (
-                _with_impl(base, "grouped_mm"), lambda: torch.autocast("cpu", dtype), torch.float32)
+            cases["leantrain auto, autocast, fp32 params"] = (
+                _with_impl(base, "auto"), lambda: torch.autocast("cpu", dtype), torch.float32)
         for impl in ("eager", "grouped_mm", "grouped_mm_fallback"):
             context = _forced_fallback if impl == "grouped_mm_fallback" else contextlib.nullcontext
             cases[f"HF Mixtral {impl}"] = (hf_block(base, impl).to(dtype), context, dtype)

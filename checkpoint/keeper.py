@@ -105,6 +105,8 @@ class Keeper:
         self.run: dict[str, Any] | None = None
         self.peers: dict[int, tuple[str, int]] = {}
         self.global_step = 0
+        self.candidate: int | None = None
+        """The step the next erasure-coding round will likely ask for: its slot is reused last."""
         self.pins: Counter[int] = Counter()
         self.protected: int | None = None
         self.protected_round: int | None = None
@@ -113,7 +115,9 @@ class Keeper:
         self.gathering: dict[tuple[int, int], dict[int, tuple[bytes, dict]]] = {}
         self.rounds: dict[int, Round] = {}
         self.last_round_step = 0
+        self._last_round_error = ""
         self.disk_queue: deque[int] = deque()
+        self.abandon_commits = threading.Event()
         self.disk_busy = False
         self.disk_errors: list[str] = []
         self.level3_step: int | None = None
@@ -219,8 +223,9 @@ class Keeper:
                     slots.append(slot)
                     break
                 free = [s for s in slots if self._reusable(s, keep)]
-                if free:
-                    slot = min(free, key=lambda s: -1 if s.step is None else s.step)
+                if free:  # the oldest, keeping the next erasure-coding candidate if there is a choice
+                    slot = min(free, key=lambda s: (s.step is not None and s.step == self.candidate,
+                                                    -1 if s.step is None else s.step))
                     break
                 if time.monotonic() - started > self.timeout_s * 10:
                     raise TimeoutError(f"no snapshot slot of local rank {local_rank} became free")
@@ -248,6 +253,7 @@ class Keeper:
         step = header["step"]
         with self.lock:
             self.global_step = max(self.global_step, step)
+            self.candidate = self.global_step
             if header.get("persist") and step not in self.disk_queue:
                 self.disk_queue.append(step)
                 self.pins[step] += 1
@@ -312,11 +318,18 @@ class Keeper:
         return {"ok": True}, []
 
     def _trainer_flush(self, header: dict) -> tuple[dict, list]:
-        """Wait until every queued disk save (and its level-3 copy) is done; report their errors."""
+        """Wait until every queued disk save (and its level-3 copy) is done; report their errors.
+
+        With ``abandon`` (a restart), a commit still waiting for other nodes' payloads gives up: they
+        may never come, and the staging directory is left for the restore's repair to remove.
+        """
+        if header.get("abandon"):
+            self.abandon_commits.set()
         with self.lock:
             while self.disk_queue or self.disk_busy or self.level3_busy or self.level3_step is not None:
                 self.lock.wait(1.0)
             errors, self.disk_errors = self.disk_errors, []
+        self.abandon_commits.clear()
         return {"errors": errors}, []
 
     def _trainer_peers(self, header: dict) -> tuple[dict, list]:
@@ -357,6 +370,12 @@ class Keeper:
                 return None
             found.append(slot)
         return found
+
+    def _passed(self, step: int) -> bool:
+        """True when every local rank has committed a snapshot newer than ``step``."""
+        newest = [max((s.step for s in self.slots.get(r, []) if s.step is not None), default=-1)
+                  for r in range(self.run["local_world_size"])]
+        return min(newest) > step
 
     def _drop_all(self) -> None:
         for slots in self.slots.values():
@@ -408,7 +427,7 @@ class Keeper:
                 pinned = False
                 if self.node == 0:
                     commit_when_complete(directory, step, run["generation"], run["meta"], run["expected"],
-                                         run["keep"], self.timeout_s)
+                                         run["keep"], self.timeout_s, self.abandon_commits)
                     with self.lock:
                         if run.get("level3_dir"):
                             self.level3_step = step
@@ -470,19 +489,22 @@ class Keeper:
                 step = self.global_step
                 round_id += 1
                 self.rounds[round_id] = Round(step)
-            ok = self._run_round(group, round_id, step)
+            outcome = self._run_round(group, round_id, step)
             with self.lock:
                 self.rounds.pop(round_id, None)
-                if ok:
+                if outcome == "done":
                     self.last_round_step = max(self.last_round_step, step)
-            if not ok:
+            if outcome == "failed":  # a peer is unreachable: wait for it to come back
                 time.sleep(1.0)
 
-    def _run_round(self, group: Group, round_id: int, step: int) -> bool:
+    def _run_round(self, group: Group, round_id: int, step: int) -> str:
+        """One round for ``step``: "done", "stale" (a member moved past the step; retry at once) or "failed"."""
+        outcome = "failed"
         try:
             for node in group.nodes:
                 reply = self._call(node, {"op": "ec_begin", "step": step, "round": round_id})
                 if not reply[0].get("ok"):
+                    outcome = "stale"
                     raise RuntimeError(f"node {node} no longer holds step {step}")
             deadline = time.monotonic() + self.timeout_s
             with self.lock:
@@ -492,15 +514,17 @@ class Keeper:
                     self.lock.wait(0.5)
             for node in group.nodes:
                 self._call(node, {"op": "ec_done", "step": step, "round": round_id})
-            return True
+            return "done"
         except Exception as error:  # noqa: BLE001 - a failed round is retried
-            log.warning("erasure-coding round of step %d failed: %s", step, error)
+            if outcome == "failed" and str(error) != self._last_round_error:
+                log.warning("erasure-coding round of step %d failed: %s (retrying every second)", step, error)
+            self._last_round_error = str(error) if outcome == "failed" else ""
             for node in group.nodes:
                 try:
                     self._call(node, {"op": "ec_abort", "round": round_id})
                 except Exception:  # noqa: BLE001 - that node is gone; nothing to undo there
                     pass
-            return False
+            return outcome
 
     def _serve_peer(self, connection: socket.socket) -> None:
         try:
@@ -526,9 +550,11 @@ class Keeper:
     def _peer_ec_begin(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         step, round_id = header["step"], header["round"]
         with self.lock:
-            deadline = time.monotonic() + min(self.timeout_s, 10.0)
+            deadline = time.monotonic() + self.timeout_s
             while (slots := self._node_slots(step)) is None and time.monotonic() < deadline:
-                self.lock.wait(0.5)
+                if self._passed(step):  # every local rank has moved beyond it: it is gone here
+                    return {"ok": False}, b""
+                self.lock.wait(0.05)
             if slots is None:
                 return {"ok": False}, b""
             self.pins[step] += 1
@@ -548,7 +574,7 @@ class Keeper:
             try:
                 self._call(group.nodes[stripe], header, data)
             except Exception as error:  # noqa: BLE001 - the leader times the round out
-                log.warning("sending fragment %d of step %d failed: %s", index, step, error)
+                log.debug("sending fragment %d of step %d failed: %s", index, step, error)
                 return
 
     def _peer_ec_fragment(self, header: dict, payload: bytearray) -> tuple[dict, bytes]:

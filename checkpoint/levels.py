@@ -10,6 +10,7 @@ a second directory, verifying every byte against the SHA-256 in meta.json as it 
 
 import secrets
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -44,16 +45,17 @@ def write_node_payloads(
 
 
 def commit_when_complete(
-    directory: Path, step: int, generation: str, meta: dict, expected: list[str], keep: int, timeout_s: float
+    directory: Path, step: int, generation: str, meta: dict, expected: list[str], keep: int, timeout_s: float,
+    abandon: threading.Event,
 ) -> Path:
-    """Wait (up to ``timeout_s``) for every node's payloads of ``step``, then commit and prune."""
+    """Wait (up to ``timeout_s``, or until ``abandon`` is set) for every node's payloads, then commit and prune."""
     staging = staging_path(directory, step, tag=f"lazy-{generation}")
     deadline = time.monotonic() + timeout_s
     while True:
         missing = [name for name in expected if not (staging / f"{name}{_RECORD_SUFFIX}").exists()]
         if not missing:
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or abandon.is_set():
             raise TimeoutError(f"payloads {missing} of step {step} never arrived in {staging}")
         time.sleep(0.05)
     path = commit_staging(directory, staging, step, meta, expected_names=expected)

@@ -119,7 +119,7 @@ class LazyCheckpointer:
         hello, _ = self.keeper.call("hello", local_rank=layout.local_rank, run=self._run_description(replicated, per_rank))
         report = None
         if layout.local_rank == 0:
-            self._warn(self.keeper.call("flush")[0]["errors"])
+            self._warn(self.keeper.call("flush", abandon=True)[0]["errors"])
             report, _ = self.keeper.call("inventory")
             self._warn(report["warnings"])
         mine = {"node": layout.node, "local_rank": layout.local_rank, "endpoint": [advertised_host(), hello["port"]],

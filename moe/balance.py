@@ -13,13 +13,17 @@ expert i. ``balance`` says over which tokens both are taken:
   all ranks; P_i stays local. Each rank's term is scaled so that the data-parallel mean of the
   gradients is exactly the gradient of N_E * sum_i f_i * P_i(all ranks' tokens of this
   micro-step). Without accumulation that is the global-batch loss itself; with it, the paper's
-  buffered approximation, whose last micro-step sees the whole global batch.
+  buffered approximation, whose last micro-step sees the whole global batch. The loss value is the
+  global one on every rank. The all-reduce starts when a layer records and is awaited in
+  ``loss()``, so it overlaps the rest of the forward pass.
 
 The z-loss (ST-MoE, Zoph et al. 2022) is mean_t logsumexp(logits_t)^2 over the micro-batch.
 
 One ``BalanceCollector`` serves the whole model: the MoE layers ``record`` into it during the
 forward, the trainer calls ``loss()`` once per micro-step, adds it to the language-model loss
-(scaling both alike), and calls ``reset()`` after each optimizer step.
+(scaling both alike), and calls ``reset()`` after each optimizer step. Under non-reentrant
+activation checkpointing the recomputed forward records nothing; reentrant checkpointing runs the
+first forward without autograd, so these losses would carry no gradient there.
 """
 
 from collections.abc import Sequence
@@ -66,6 +70,10 @@ class _MicroStepRecord:
     """[B, E] per-sequence sums of the router probabilities (sequence mode)."""
     domains: torch.Tensor | None
     """[B] domain index of each sequence, when the data has domains."""
+    global_stats: torch.Tensor | None
+    """Global mode: [2E] counts and detached probability sums, summed over the group once ``sync`` is done."""
+    sync: dist.Work | None
+    """The all-reduce of global_stats in flight, if any."""
 
 
 class BalanceCollector:
@@ -139,9 +147,15 @@ class BalanceCollector:
         domains = self._domains
         if domains is not None and domains.shape[0] != batch_size:
             raise UserError(f"{domains.shape[0]} domain labels for a batch of {batch_size} sequences")
+        global_stats = sync = None
+        if self.mode == "global":
+            # Started here and awaited in loss(), the all-reduce overlaps the rest of the forward pass.
+            global_stats = torch.cat([counts.double(), prob_sums.detach().double()])
+            if self.group is not None:
+                sync = dist.all_reduce(global_stats, group=self.group, async_op=True)
         self._pending[layer] = _MicroStepRecord(
-            counts=counts.double(), prob_sums=prob_sums, z_loss=z, num_tokens=num_tokens,
-            seq_counts=seq_counts, seq_prob_sums=seq_prob_sums, domains=domains)
+            counts=counts.double(), prob_sums=prob_sums, z_loss=z, num_tokens=num_tokens, seq_counts=seq_counts,
+            seq_prob_sums=seq_prob_sums, domains=domains, global_stats=global_stats, sync=sync)
 
     def loss(self) -> torch.Tensor:
         """The auxiliary loss of this micro-step, summed over layers with the coefficients; closes the micro-step.
@@ -186,22 +200,20 @@ class BalanceCollector:
         return load_balancing_loss(freq, rec.seq_prob_sums / seq_len).mean()
 
     def _global_lbl(self, layers: list[int], records: dict[int, _MicroStepRecord]) -> dict[int, torch.Tensor]:
-        # One all-reduce per micro-step: every layer's counts and (detached) probability sums.
-        stats = torch.stack([torch.cat([records[layer].counts, records[layer].prob_sums.detach().double()])
-                             for layer in layers])
-        if self.group is not None:
-            dist.all_reduce(stats, group=self.group)
         lbl = {}
-        for row, layer in enumerate(layers):
+        for layer in layers:
             rec = records[layer]
-            step_counts, step_prob_sums = stats[row, :self.num_experts], stats[row, self.num_experts:]
+            if rec.sync is not None:
+                rec.sync.wait()
+            step_counts, step_prob_sums = rec.global_stats[:self.num_experts], rec.global_stats[self.num_experts:]
             window = self._accumulate_counts(layer, step_counts)
-            freq = (window / window.sum()).to(rec.prob_sums.dtype)
+            freq64 = window / window.sum()
+            freq = freq64.to(rec.prob_sums.dtype)
             step_tokens = step_counts.sum() / self.top_k
             # The data-parallel mean of the ranks' gradients of this term is the gradient of
             # N_E sum_i f_i P_i over all ranks' tokens, however the tokens are spread over ranks.
             local = load_balancing_loss(freq, rec.prob_sums * (self.world_size / step_tokens).to(freq.dtype))
-            value = load_balancing_loss(freq.double(), step_prob_sums / step_tokens)
+            value = load_balancing_loss(freq64, step_prob_sums / step_tokens)
             lbl[layer] = local + (value.to(local.dtype) - local).detach()
         return lbl
 

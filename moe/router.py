@@ -25,6 +25,17 @@ class Routing:
     weights: torch.Tensor
     """[N, k] fp32 gate weights of the chosen experts."""
 
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, top_k: int, renormalize: bool = True) -> "Routing":
+        """Softmax in fp32, then the top_k experts; ``renormalize`` rescales their probabilities to sum
+        to 1. Also builds the routing of an HF MoE model from the router logits it returns."""
+        logits = logits.float()
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return cls(logits=logits, probs=probs, experts=experts, weights=weights)
+
 
 class Router(nn.Module):
     """A bias-free linear map to one logit per expert, softmax, then top-k.
@@ -43,8 +54,4 @@ class Router(nn.Module):
         """x: [N, dim] -> Routing of the N tokens."""
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.gate.weight.float())
-        probs = logits.softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return Routing(logits=logits, probs=probs, experts=experts, weights=weights)
+        return Routing.from_logits(logits, self.top_k, self.renormalize)

@@ -26,9 +26,16 @@ weights every token by its own upstream gradient, unknown in the forward, so it 
 and recomputes in the backward (four matmuls); so does the gradient of a returned ``lse``, added by
 one extra pass only when it is used.
 
+Gradient filtering (``filter_eps``) follows the paper: the vocabulary is sorted by average logit and
+cut into blocks of ``FILTER_BLOCK_V``; a block whose ``|softmax - onehot|`` entries are all below eps
+is left out of ``dE`` and ``dC``. The torch path decides per block and token chunk (and keeps the
+bias gradient exact), the kernel per block and 64-token tile. The loss is never filtered.
+
 Dtypes. The matmuls run in the autocast dtype when autocast is on for the device (as a ``Linear``
 would), else in the promotion of ``e.dtype`` and ``c.dtype``. Logits, log-sum-exp, softmax and the
 ``dC`` accumulator are fp32; the loss is fp32; the gradients come back in each input's own dtype.
+A bf16 matmul on the torch path returns bf16 logits, rounded before the fp32 softmax as a bf16
+``Linear`` would round them; the kernels keep the fp32 accumulator.
 """
 
 from __future__ import annotations

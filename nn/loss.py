@@ -1,41 +1,58 @@
 """The training objective: a model that returns hidden states, and the loss that owns the output head.
 
 ``LanguageModelLoss`` puts the two in one module so that data-parallel wrappers see every parameter,
-the output head included, used inside ``forward``.
+the output head included, used inside ``forward``. With ``loss.impl: cce`` the logits are never
+materialised (``cut_ce.linear_cross_entropy``); ``naive`` builds the full logit matrix.
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-LOSS_IMPLS = ("naive",)
+from ..errors import UserError
+from .cut_ce import IGNORE_INDEX, linear_cross_entropy
+
+LOSS_IMPLS = ("cce", "naive")
 
 
 @dataclass
 class LossConfig:
-    impl: str = "naive"
-    """Cross-entropy implementation: naive (materialises the logits)."""
+    impl: str = "cce"
+    """Cross-entropy implementation: cce (cut cross-entropy, never materialises the logits) | naive."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss (coef x logsumexp^2 per token, as in PaLM); 0 disables."""
+    filter_eps: str = "none"
+    """cce gradient filtering: none | auto (the dtype's epsilon / 32) | a number such as 1e-6."""
+    chunk_mb: int = 128
+    """cce: the largest temporary (one chunk of fp32 logits) in MiB."""
 
 
-def naive_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Summed cross-entropy through the full logit matrix (materialised, in fp32)."""
-    logits = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
-    return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
+def parse_filter_eps(value: str) -> float | str | None:
+    if value == "none":
+        return None
+    if value == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"loss.filter_eps: expected none, auto or a number, got {value!r}") from None
 
 
 class LanguageModelLoss(nn.Module):
     """``forward(inputs, targets)`` returns the summed next-token loss over non-ignored targets."""
 
-    def __init__(self, model: nn.Module, impl: str = "naive", ignore_index: int = IGNORE_INDEX):
+    def __init__(self, model: nn.Module, cfg: LossConfig | None = None):
         super().__init__()
         self.model = model
-        self.impl = impl
-        self.ignore_index = ignore_index
+        self.cfg = cfg or LossConfig()
+        self.filter_eps = parse_filter_eps(self.cfg.filter_eps)
+        if self.cfg.chunk_mb <= 0:
+            raise UserError(f"loss.chunk_mb must be positive, got {self.cfg.chunk_mb}")
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         hidden = self.model(inputs)
-        return naive_cross_entropy_sum(hidden, self.model.head_weight, targets, self.ignore_index)
+        return linear_cross_entropy(hidden, self.model.head_weight, targets, ignore_index=IGNORE_INDEX,
+                                    reduction="sum", filter_eps=self.filter_eps, z_loss=self.cfg.z_loss,
+                                    impl="auto" if self.cfg.impl == "cce" else "naive",
+                                    chunk_bytes=self.cfg.chunk_mb << 20)

@@ -105,7 +105,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
 
     data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
     model = build_model(cfg, data.vocab_size).to(world.device)
-    loss_module = LanguageModelLoss(model, impl=cfg.loss.impl)
+    loss_module = LanguageModelLoss(model, cfg.loss)
     train_module = wrap_model(loss_module, cfg.parallel, world)
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)

@@ -484,3 +484,19 @@ def test_gpu_triton_filtering_bounded(reduction):
     assert rel_err(loss.cpu(), ref_loss) < 1e-5
     assert ((de - ref_de).abs() <= bound_de + 1e-5 * ref_de.abs().max()).all()
     assert ((dc - ref_dc).abs() <= bound_dc + 1e-5 * ref_dc.abs().max()).all()
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux peak-RSS reset")
+def test_cpu_benchmark_runs_and_ours_uses_less_memory():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "cce.py"
+    spec = importlib.util.spec_from_file_location("cce_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    summary = bench.main(["--tokens", "512", "--dim", "64", "--vocab", "8000", "--repeats", "1",
+                          "--methods", "naive,ours", "--chunk-bytes", str(2**20)])
+    naive, ours = summary["methods"]["naive"], summary["methods"]["ours"]
+    assert abs(naive["loss"] - ours["loss"]) < 1e-4 * naive["loss"]
+    assert ours["beyond_grads_bytes"] < naive["beyond_grads_bytes"] / 4

@@ -1,0 +1,411 @@
+"""Lazy multi-level checkpointing through real keeper processes (ranks are threads here).
+
+Each test starts one keeper per simulated node, crashes trainers (their connection drops, as when
+the process dies) or whole nodes (SIGKILL of the keeper), and restores: from memory, from the
+peers' parity, or from disk, always bit-exact. Damaged snapshots and shards are skipped with a
+warning naming them. No keeper survives a test.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from leantrain.checkpoint.config import CheckpointConfig, ErasureConfig
+from leantrain.checkpoint.disk import find_checkpoints, latest_good_checkpoint
+from leantrain.checkpoint.keeper import record_path
+from leantrain.checkpoint.keeper_client import KeeperClient
+from leantrain.checkpoint.manager import Checkpointer
+from leantrain.checkpoint.multilevel import NodeLayout
+from leantrain.errors import UserError
+
+FINGERPRINT = {"model": {"dim": 8}, "seed": 0}
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class Generator:
+    def __init__(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+class Rank:
+    """One data-parallel rank of a toy run: replicated model and AdamW, its own generator and counter."""
+
+    def __init__(self, rank: int, seed: int = 0, extra: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Linear(16, 4))
+        if extra:
+            self.model.register_parameter("big", torch.nn.Parameter(torch.randn(extra)))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / 3))
+        self.shared = Generator(1234)  # the same batches on every rank keep the replicas identical
+        self.own = Generator(100 + rank)
+        self.counter = Counter()
+
+    def step(self, checkpointer: Checkpointer) -> None:
+        inputs = torch.randn(8, 6, generator=self.shared.generator)
+        loss = self.model(inputs).square().mean()
+        if "big" in dict(self.model.named_parameters()):
+            loss = loss + self.model.big.square().mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        checkpointer.wait_before_step()
+        self.optimizer.step()
+        self.schedule.step()
+        torch.randn(3, generator=self.own.generator)
+        self.counter.value += 1
+
+    def replicated(self) -> dict:
+        return {"model": self.model, "optimizer": self.optimizer, "schedule": self.schedule, "shared": self.shared}
+
+    def per_rank(self) -> dict:
+        return {"own": self.own, "counter": self.counter}
+
+    def flat(self) -> list[torch.Tensor]:
+        tensors = [p.detach().clone() for p in self.model.parameters()]
+        for state in self.optimizer.state.values():
+            tensors += [state[key].clone() for key in ("exp_avg", "exp_avg_sq", "step")]
+        return tensors + [self.own.generator.get_state(), self.shared.generator.get_state(),
+                          torch.tensor(self.counter.value)]
+
+
+def config(**changes) -> CheckpointConfig:
+    settings = {"mode": "lazy", "interval": 2, "keep": 3, "keeper_idle_s": 20.0, "keeper_timeout_s": 20.0, **changes}
+    return CheckpointConfig(**settings)
+
+
+def reference(steps: int, rank: int = 0, extra: int = 0) -> list[torch.Tensor]:
+    run = Rank(rank, extra=extra)
+    stub = Checkpointer(CheckpointConfig(), Path("/nonexistent"), FINGERPRINT)
+    for _ in range(steps):
+        run.step(stub)
+    return run.flat()
+
+
+def assert_equal(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def crash(checkpointer: Checkpointer) -> None:
+    """What the keeper sees when a trainer process dies: its connection drops, nothing is flushed."""
+    lazy = checkpointer._lazy
+    if lazy._pending is not None:
+        lazy._pending.wait_complete()
+    lazy.keeper.close()
+
+
+def kill_keeper(run_dir: Path, node: int) -> None:
+    """A lost node: its keeper dies at once, with every snapshot and parity block it held."""
+    pid = json.loads(record_path(run_dir, node).read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    while _alive(pid):
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture(autouse=True)
+def no_keeper_survives(tmp_path):
+    yield
+    leftovers = []
+    for record in tmp_path.rglob("keepers/node_*.json"):
+        try:
+            pid = json.loads(record.read_text())["pid"]
+        except (OSError, ValueError):
+            continue
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            leftovers.append(pid)
+            os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"keepers still running after the test: {leftovers}"
+
+
+def run_ranks(layouts: list[NodeLayout], work) -> list:
+    """Run ``work(rank, layout, barrier)`` on one thread per rank; returns results, raises the first error."""
+    barrier = threading.Barrier(len(layouts), timeout=60)
+    results: list = [None] * len(layouts)
+
+    def target(rank: int) -> None:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results[rank] = (work(rank, layouts[rank], barrier.wait), [str(w.message) for w in caught])
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            barrier.abort()
+            results[rank] = error
+
+    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(len(layouts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def layouts(nnodes: int, per_node: int) -> list[NodeLayout]:
+    return [NodeLayout(node=r // per_node, nnodes=nnodes, local_rank=r % per_node, local_world_size=per_node)
+            for r in range(nnodes * per_node)]
+
+
+def test_restart_resumes_from_memory_bit_exactly_and_disk_has_the_interval_steps(tmp_path):
+    run = Rank(0)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    assert checkpointer.restore(run.replicated(), run.per_rank()) == 0 and checkpointer.restore_source is None
+    for step in range(1, 6):
+        run.step(checkpointer)
+        assert checkpointer.after_step(step, run.replicated(), run.per_rank())
+    assert checkpointer.stats.snapshots == 5
+    crash(checkpointer)
+
+    resumed = Rank(0, seed=99)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 5
+    assert checkpointer.restore_source == "memory"
+    for step in range(6, 9):
+        resumed.step(checkpointer)
+        checkpointer.after_step(step, resumed.replicated(), resumed.per_rank(), force=step == 8)
+    assert_equal(resumed.flat(), reference(8))
+    assert [p.name for p in find_checkpoints(tmp_path / "checkpoints")] == ["step_8", "step_6", "step_4"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_8"
+    checkpointer.save_final(resumed.model.state_dict())
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_optimizer_pre_hook_waits_even_without_wait_before_step(tmp_path):
+    run = Rank(0, extra=1 << 20)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    checkpointer.restore(run.replicated(), run.per_rank())
+    stub = Checkpointer(CheckpointConfig(), tmp_path / "unused", FINGERPRINT)
+    for step in range(1, 4):
+        run.step(stub)  # never calls the lazy checkpointer's wait_before_step: the hook must
+        checkpointer.after_step(step, run.replicated(), run.per_rank())
+    crash(checkpointer)
+    resumed = Rank(0, seed=5, extra=1 << 20)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 3
+    assert_equal(resumed.flat(), reference(3, extra=1 << 20))
+    checkpointer.close(shutdown_keeper=True)
+
+
+def test_damaged_memory_snapshot_is_skipped_with_a_warning(tmp_path):
+    run = Rank(0)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer.restore(run.replicated(), run.per_rank())
+    for step in range(1, 6):
+        run.step(checkpointer)
+        checkpointer.after_step(step, run.replicated(), run.per_rank())
+    keeper = checkpointer._lazy.keeper
+    crash(checkpointer)
+    # Flip one bit in the tensor bytes of every slot (what a faulty DIMM or a stray write would do).
+    for memory in keeper._mappings.values():
+        memory[len(memory) // 2] ^= 0x04
+    resumed = Rank(0, seed=3)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    with pytest.warns(UserWarning, match=r"memory snapshot of step 5 of local rank 0 .*checksum"):
+        assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 4
+    assert checkpointer.restore_source == "disk"
+    assert_equal(resumed.flat(), reference(4))
+    checkpointer.close(shutdown_keeper=True)
+
+
+def test_damaged_shards_are_skipped_at_levels_2_and_3(tmp_path):
+    level3 = tmp_path / "shared"
+    run = Rank(0)
+    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT)
+    checkpointer.restore(run.replicated(), run.per_rank())
+    for step in range(1, 7):
+        run.step(checkpointer)
+        checkpointer.after_step(step, run.replicated(), run.per_rank(), force=step == 6)
+    checkpointer.close(shutdown_keeper=True)  # memory is gone: only disk is left
+    level2 = tmp_path / "run" / "checkpoints"
+    assert find_checkpoints(level2)[0].name == find_checkpoints(level3)[0].name == "step_6"
+
+    truncated = level2 / "step_6" / "replicated.pt"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    flipped = level3 / "step_6" / "rank_0.pt"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    resumed = Rank(0, seed=4)
+    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 4
+    messages = " | ".join(str(w.message) for w in caught)
+    assert str(truncated) in messages and "truncated" in messages
+    assert str(flipped) in messages and "corrupt" in messages
+    assert checkpointer.restore_source == "disk"
+    assert_equal(resumed.flat(), reference(4))
+    checkpointer.close(shutdown_keeper=True)
+
+    import shutil
+
+    shutil.rmtree(level2)  # a lost local disk: the shared copy still has a good checkpoint
+    again = Rank(0, seed=5)
+    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert checkpointer.restore(again.replicated(), again.per_rank()) == 4
+    assert_equal(again.flat(), reference(4))
+    checkpointer.close(shutdown_keeper=True)
+
+
+def test_keeper_killed_in_the_middle_of_a_disk_write_leaves_the_previous_checkpoint(tmp_path):
+    size = 24 << 20  # 96 MB of parameters: the write takes long enough to be caught in the middle
+    run = Rank(0, extra=size)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer.restore(run.replicated(), run.per_rank())
+    for step in range(1, 5):
+        run.step(checkpointer)
+        checkpointer.after_step(step, run.replicated(), run.per_rank())
+    checkpointer._lazy.flush()  # step 4 is complete everywhere: its disk save starts
+    directory = tmp_path / "checkpoints"
+    while not (directory / "step_2").exists():
+        time.sleep(0.001)
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(".tmp-step_4") for p in directory.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    kill_keeper(tmp_path, 0)
+    assert not (directory / "step_4").exists(), "the save finished before the keeper could be killed"
+    assert (directory / "latest").read_text().strip() == "step_2"
+    assert latest_good_checkpoint(directory).name == "step_2"
+    checkpointer._lazy.keeper.close()
+
+    resumed = Rank(0, seed=8, extra=size)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 2
+    assert checkpointer.restore_source == "disk"
+    assert not any(p.name.startswith(".tmp-") for p in directory.iterdir())
+    assert_equal(resumed.flat(), reference(2, extra=size))
+    checkpointer.close(shutdown_keeper=True)
+
+
+def test_local_ranks_share_the_replicated_state_and_restore_their_own(tmp_path):
+    def train(rank, layout, barrier):
+        run = Rank(rank)
+        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
+        checkpointer.restore(run.replicated(), run.per_rank())
+        for step in range(1, 4):
+            run.step(checkpointer)
+            checkpointer.after_step(step, run.replicated(), run.per_rank())
+        crash(checkpointer)
+
+    def resume(rank, layout, barrier):
+        run = Rank(rank, seed=50 + rank)
+        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
+        step = checkpointer.restore(run.replicated(), run.per_rank())
+        flat = run.flat()
+        checkpointer.close(shutdown_keeper=True)
+        return step, checkpointer.restore_source, flat
+
+    run_ranks(layouts(1, 2), train)
+    for rank, ((step, source, flat), _) in enumerate(run_ranks(layouts(1, 2), resume)):
+        assert (step, source) == (3, "memory")
+        assert_equal(flat, reference(3, rank))
+
+
+def wait_protected(run_dir: Path, nodes: int, step: int) -> None:
+    """Until every keeper reports ``step`` protected by parity."""
+    deadline = time.monotonic() + 30
+    for node in range(nodes):
+        client = KeeperClient.attach(run_dir, node, 99, False, "127.0.0.1", 20.0, 20.0)
+        try:
+            while client.call("inventory")[0]["protected"] != step:
+                assert time.monotonic() < deadline, f"node {node} never protected step {step}"
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("k,m,lost,source", [(1, 1, [1], "peer"), (2, 1, [0], "peer"), (2, 1, [0, 2], "disk")])
+def test_lost_nodes_are_rebuilt_from_the_parity_of_their_group(tmp_path, k, m, lost, source):
+    nnodes = k + m
+    ec = ErasureConfig(k=k, m=m)
+
+    def train(rank, layout, barrier):
+        run = Rank(rank)
+        checkpointer = Checkpointer(config(ec=ec), tmp_path, FINGERPRINT, rank, nnodes, barrier, layout=layout)
+        checkpointer.restore(run.replicated(), run.per_rank())
+        for step in range(1, 6):
+            run.step(checkpointer)
+            checkpointer.after_step(step, run.replicated(), run.per_rank())
+        checkpointer._lazy._settle_pending()  # every rank has step 5: it becomes the candidate for parity
+        return checkpointer
+
+    trainers = [result for result, _ in run_ranks(layouts(nnodes, 1), train)]
+    wait_protected(tmp_path, nnodes, 5)
+    for checkpointer in trainers:
+        crash(checkpointer)
+    for node in lost:
+        kill_keeper(tmp_path, node)
+
+    def resume(rank, layout, barrier):
+        run = Rank(rank, seed=70 + rank)
+        checkpointer = Checkpointer(config(ec=ec), tmp_path, FINGERPRINT, rank, nnodes, barrier, layout=layout)
+        step = checkpointer.restore(run.replicated(), run.per_rank())
+        flat = run.flat()
+        checkpointer.close(shutdown_keeper=True)
+        return step, checkpointer.restore_source, flat
+
+    expected_step = 5 if source == "peer" else 4
+    for rank, ((step, got_source, flat), _) in enumerate(run_ranks(layouts(nnodes, 1), resume)):
+        assert (step, got_source) == (expected_step, source)
+        assert_equal(flat, reference(expected_step, rank))
+
+
+def test_bad_lazy_settings_name_their_key(tmp_path):
+    with pytest.raises(UserError, match="checkpoint.mode"):
+        Checkpointer(CheckpointConfig(mode="eager"), tmp_path, FINGERPRINT)
+    with pytest.raises(UserError, match="checkpoint.memory_interval"):
+        Checkpointer(config(memory_interval=0), tmp_path, FINGERPRINT)
+    with pytest.raises(UserError, match="checkpoint.interval=5 must be a multiple of checkpoint.memory_interval=2"):
+        Checkpointer(config(interval=5, memory_interval=2), tmp_path, FINGERPRINT)
+    with pytest.raises(UserError, match="checkpoint.ec"):
+        Checkpointer(config(ec=ErasureConfig(k=1, m=0)), tmp_path, FINGERPRINT)
+    with pytest.raises(UserError, match="checkpoint.ec.*divide"):
+        Checkpointer(config(ec=ErasureConfig(k=1, m=1)), tmp_path, FINGERPRINT)
+    with pytest.raises(UserError, match="checkpoint.ec.library"):
+        Checkpointer(config(ec=ErasureConfig(k=1, m=1, library="raid")), tmp_path, FINGERPRINT,
+                     layout=NodeLayout(node=0, nnodes=2, local_rank=0, local_world_size=1))
+    run = Rank(0)
+    checkpointer = Checkpointer(config(host_buffer_mb=1), tmp_path, FINGERPRINT)
+    checkpointer.restore(run.replicated(), run.per_rank())
+    big = Rank(0, extra=1 << 18)
+    with pytest.raises(UserError, match="checkpoint.host_buffer_mb=1"):
+        checkpointer.after_step(1, big.replicated(), big.per_rank())
+    checkpointer.close(shutdown_keeper=True)
