@@ -9,7 +9,10 @@ bf16 (parameters and activations), plus ours under bf16 autocast with fp32 param
 experts' matmul FLOP/s (18 * top_k * dim * intermediate per token, forward and backward) is
 quoted as a fraction of the peak of a plain square matmul measured in the same run. Runs are
 interleaved and the best of ``--repeats`` is kept, so other load on the machine biases every
-row alike.
+row alike; on a busy machine ``--threads 1 --clock cpu`` (process CPU time) is steadier. HF's
+``batched_mm`` is left out: it gathers one weight matrix per (token, expert) pair, 47 GB here.
+HF's ``grouped_mm_fallback`` row is its grouped_mm path with the torch._grouped_mm check forced
+off, i.e. the per-expert loop HF falls back to where torch._grouped_mm cannot run.
 
 Part 2, two processes (gloo): the step time of a small MoE model trained with ``micro`` and with
 ``global`` balancing, alternating every step on the same model so that both see the same load.
@@ -46,21 +49,16 @@ def keep_freed_memory() -> None:
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-_clock = time.perf_counter
 
 
-def _timed(fn) -> float:
-    start = _clock()
+def _timed(fn, clock) -> float:
+    start = clock()
     fn()
-    return _clock() - start
+    return clock() - start
 
 
 def hf_block(layer: MoELayer, impl: str):
-    """HF's MixtralSparseMoeBlock with the weights of ``layer`` and the given experts implementation.
-
-    ``grouped_mm_fallback`` is HF's grouped_mm path with its torch._grouped_mm check forced off:
-    the custom-op loop HF falls back to where torch._grouped_mm cannot run.
-    """
+    """HF's MixtralSparseMoeBlock with the weights of ``layer`` and the given experts implementation."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -89,6 +87,7 @@ def _forced_fallback():
 
 
 def layer_throughput(args) -> None:
+    clock = CLOCKS[args.clock]
     torch.manual_seed(0)
     tokens = args.tokens
     seq = min(tokens, 1024)
@@ -112,12 +111,12 @@ def layer_throughput(args) -> None:
             cases[f"HF Mixtral {impl}"] = (hf_block(base, impl).to(dtype), context, dtype)
         best = {name: float("inf") for name in cases}
         for round_ in range(args.repeats + 1):  # round 0 warms up
-            elapsed = _timed(lambda: square @ square)
+            elapsed = min(_timed(lambda: square @ square, clock) for _ in range(3))
             peak_time = min(peak_time, elapsed) if round_ else peak_time
             for name, (module, context, input_dtype) in cases.items():
                 xin = x.to(input_dtype).requires_grad_(True)
                 with context():
-                    elapsed = _timed(lambda: module(xin).float().square().mean().backward())
+                    elapsed = _timed(lambda: module(xin).float().square().mean().backward(), clock)
                 module.zero_grad(set_to_none=True)
                 if round_:
                     best[name] = min(best[name], elapsed)
@@ -135,43 +134,57 @@ def _with_impl(layer: MoELayer, impl: str) -> MoELayer:
     return copy
 
 
-def _balance_worker(rank: int, world: int, port: int, args, out: "mp.SimpleQueue") -> None:
+class _MoELanguageModel(torch.nn.Module):
+    """Embedding, MoE layers with residuals, output head: just enough model for the balancing cost."""
+
+    def __init__(self, vocab: int, dim: int, hidden: int, layers: int, cfg: MoEConfig):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.moes = torch.nn.ModuleList(MoELayer(dim, hidden, cfg, layer_id=i) for i in range(layers))
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor, collector: BalanceCollector) -> torch.Tensor:
+        h = self.embed(tokens)
+        for moe in self.moes:
+            h = h + moe(h, collector)
+        return self.head(h)
+
+
+def _balance_worker(rank: int, world: int, port: int, args, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    vocab, dim, hidden, layers = 1024, args.dim // 2, args.intermediate // 2, 2
+    vocab = 1024
     cfgs = {mode: MoEConfig(num_experts=args.experts, top_k=args.top_k, balance=mode) for mode in ("micro", "global")}
-    emb = torch.nn.Embedding(vocab, dim)
-    moes = torch.nn.ModuleList(MoELayer(dim, hidden, cfgs["global"], layer_id=i) for i in range(layers))
-    head = torch.nn.Linear(dim, vocab, bias=False)
-    model = torch.nn.ModuleList([emb, moes, head])
+    model = _MoELanguageModel(vocab, args.dim // 2, args.intermediate // 2, 2, cfgs["global"])
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    params = list(ddp.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     collectors = {mode: BalanceCollector(cfg, group=dist.group.WORLD) for mode, cfg in cfgs.items()}
     gen = torch.Generator().manual_seed(rank)
-    times = {mode: [] for mode in collectors}
+    times, loss_times = [], []
     for step in range(2 * (args.balance_steps + 1)):
-        mode = ("micro", "global")[step % 2]
-        collector = collectors[mode]
-        tokens = torch.randint(0, vocab, (args.balance_batch, 257), generator=gen)
+        collector = collectors[("micro", "global")[step % 2]]
+        tokens = torch.randint(0, vocab, (args.accumulation, args.balance_batch, 257), generator=gen)
         dist.barrier()
-        start = time.perf_counter()
+        start, in_loss = time.perf_counter(), 0.0
         for micro in range(args.accumulation):
-            h = emb(tokens[:, :-1])
-            for moe in moes:
-                h = h + moe(h, collector)
-            ce = torch.nn.functional.cross_entropy(head(h).flatten(0, 1), tokens[:, 1:].flatten())
-            ((ce + collector.loss()) / args.accumulation).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            with contextlib.nullcontext() if micro == args.accumulation - 1 else ddp.no_sync():
+                logits = ddp(tokens[micro, :, :-1], collector)
+                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[micro, :, 1:].flatten())
+                loss_start = time.perf_counter()
+                aux = collector.loss()
+                in_loss += time.perf_counter() - loss_start
+                ((ce + aux) / args.accumulation).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         collector.reset()
         dist.barrier()
-        if step >= 2:
-            times[mode].append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+        loss_times.append(in_loss)
     if rank == 0:
-        out.put({mode: statistics.median(t) for mode, t in times.items()})
+        out.put((times[2:], loss_times[2:]))  # the first pair warms up
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -180,16 +193,18 @@ def balance_overhead(args) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
+    out = mp.get_context("spawn").SimpleQueue()
     mp.start_processes(_balance_worker, args=(2, port, args, out), nprocs=2, start_method="spawn")
-    medians = out.get()
+    times, loss_times = out.get()
+    micro, glob = times[0::2], times[1::2]
+    paired = statistics.median(g / m - 1 for m, g in zip(micro, glob))
+    loss_micro, loss_glob = statistics.median(loss_times[0::2]), statistics.median(loss_times[1::2])
     print(f"\n# Part 2: step time of a 2-layer MoE model (dim {args.dim // 2}, {args.experts} experts), 2 processes "
-          f"(gloo), micro-batch {args.balance_batch} x 256 tokens, {args.accumulation} micro-steps per step, "
-          f"median of {args.balance_steps} steps each, alternating")
-    for mode, t in medians.items():
-        print(f"  {mode:7s} {t * 1e3:8.1f} ms/step")
-    print(f"  global over micro: {medians['global'] / medians['micro'] - 1:+.2%}")
+          f"(gloo), micro-batch {args.balance_batch} x 256 tokens, {args.accumulation} micro-steps per step; "
+          f"{args.balance_steps} steps of each, alternating")
+    print(f"  micro   {statistics.median(micro) * 1e3:8.1f} ms/step, {loss_micro * 1e3:6.2f} ms in collector.loss() (medians)")
+    print(f"  global  {statistics.median(glob) * 1e3:8.1f} ms/step, {loss_glob * 1e3:6.2f} ms in collector.loss() (medians)")
+    print(f"  global over micro: {paired:+.2%} (median over consecutive pairs of steps)")
 
 
 def main() -> None:
@@ -202,7 +217,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peak-size", type=int, default=2048)
-    parser.add_argument("--balance-steps", type=int, default=10)
+    parser.add_argument("--balance-steps", type=int, default=30)
     parser.add_argument("--balance-batch", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -214,8 +229,6 @@ def main() -> None:
     parser.add_argument("--skip-layer", action="store_true", help="skip part 1")
     parser.add_argument("--skip-balance", action="store_true", help="skip part 2")
     args = parser.parse_args()
-    global _clock
-    _clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep_freed_memory:

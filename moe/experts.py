@@ -218,8 +218,8 @@ class Experts(nn.Module):
         nn.init.normal_(self.down, mean=0.0, std=out_std)
 
     def _use_grouped_mm(self, dtype: torch.dtype, device: torch.device) -> bool:
-        # auto: on GPUs one grouped kernel beats a launch per expert; on CPU the blocked loop is as
-        # fast (benchmarks/moe.py) and holds block-sized temporaries instead of whole-batch ones.
+        # auto: on GPUs one grouped kernel beats a launch per expert; on CPU the blocked loop was the
+        # faster in benchmarks/moe.py, and it holds block-sized temporaries, not whole-batch ones.
         if self.impl == "loop" or (self.impl == "auto" and device.type == "cpu"):
             return False
         dim, hidden = self.down.shape[2], self.down.shape[1]

@@ -50,8 +50,9 @@ class LanguageModelLoss(nn.Module):
         if self.cfg.chunk_mb <= 0:
             raise UserError(f"loss.chunk_mb must be positive, got {self.cfg.chunk_mb}")
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(inputs)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor, balance=None) -> torch.Tensor:
+        """``balance``: the MoE balance collector the model's MoE layers record into (None: no MoE losses)."""
+        hidden = self.model(inputs) if balance is None else self.model(inputs, balance)
         return linear_cross_entropy(hidden, self.model.head_weight, targets, ignore_index=IGNORE_INDEX,
                                     reduction="sum", filter_eps=self.filter_eps, z_loss=self.cfg.z_loss,
                                     impl="auto" if self.cfg.impl == "cce" else "naive",

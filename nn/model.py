@@ -18,6 +18,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
+from ..moe.balance import BalanceCollector
+from ..moe.config import MoEConfig
+from ..moe.layer import MoELayer, is_moe_block
 from .attention import Attention
 from .config import ModelConfig
 from .mlp import FeedForward
@@ -94,37 +97,49 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Mod
 class TransformerBlock(nn.Module):
     """Attention then SwiGLU feed-forward, each wrapped in a residual and norms per `norm`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None, layer_id: int = 0):
         super().__init__()
         self.norm_placement = cfg.norm
         self.attention = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads)
-        self.feed_forward = FeedForward(cfg.dim, cfg.intermediate_size)
+        self.is_moe = moe is not None and moe.num_experts > 0 and is_moe_block(moe, layer_id)
+        if self.is_moe:
+            self.feed_forward = MoELayer(cfg.dim, moe.intermediate_size or cfg.intermediate_size, moe, layer_id)
+        else:
+            self.feed_forward = FeedForward(cfg.dim, cfg.intermediate_size)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if cfg.norm == "peri":
             self.attention_out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.ffn_out_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                balance: BalanceCollector | None = None) -> torch.Tensor:
+        def ffn(h: torch.Tensor) -> torch.Tensor:
+            return self.feed_forward(h, balance) if self.is_moe else self.feed_forward(h)
+
         if self.norm_placement == "pre":
             x = x + self.attention(self.attention_norm(x), rope_cos, rope_sin)
-            return x + self.feed_forward(self.ffn_norm(x))
+            return x + ffn(self.ffn_norm(x))
         if self.norm_placement == "post":
             x = self.attention_norm(x + self.attention(x, rope_cos, rope_sin))
-            return self.ffn_norm(x + self.feed_forward(x))
+            return self.ffn_norm(x + ffn(x))
         x = x + self.attention_out_norm(self.attention(self.attention_norm(x), rope_cos, rope_sin))
-        return x + self.ffn_out_norm(self.feed_forward(self.ffn_norm(x)))
+        return x + self.ffn_out_norm(ffn(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
-    """tokens [batch, seq] -> final hidden states [batch, seq, dim]. cfg must be resolved."""
+    """tokens [batch, seq] -> final hidden states [batch, seq, dim]. cfg must be resolved.
 
-    def __init__(self, cfg: ModelConfig):
+    With ``moe.num_experts > 0`` every ``moe.every_n_layers``-th block's feed-forward is a mixture
+    of experts, which records its balance statistics into the ``balance`` collector passed to forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.embed_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.embed_norm else None
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, moe, i) for i in range(cfg.n_layers))
         self.norm = nn.Identity() if cfg.norm == "post" else RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Derived from the config, so kept out of the state dict; init_weights fills them.
@@ -134,7 +149,8 @@ class Transformer(nn.Module):
         self.init_weights()
         if cfg.compile:
             for layer in self.layers:
-                layer.compile()
+                if not layer.is_moe:  # expert counts give data-dependent shapes: MoE blocks stay eager
+                    layer.compile()
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -153,7 +169,10 @@ class Transformer(nn.Module):
         residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
         for layer in self.layers:
             nn.init.normal_(layer.attention.wo.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(layer.feed_forward.w2.weight, mean=0.0, std=residual_std)
+            if layer.is_moe:
+                layer.feed_forward.init_weights(self.cfg.init_std, residual_std)
+            else:
+                nn.init.normal_(layer.feed_forward.w2.weight, mean=0.0, std=residual_std)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -165,7 +184,7 @@ class Transformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.tok_embeddings.weight.numel() if exclude_embedding else total
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, balance: BalanceCollector | None = None) -> torch.Tensor:
         seq_len = tokens.shape[1]
         if seq_len > self.cfg.max_seq_len:
             raise UserError(f"sequence of {seq_len} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}")
@@ -174,7 +193,7 @@ class Transformer(nn.Module):
             h = self.embed_norm(h)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, self.rope_cos, self.rope_sin, use_reentrant=False)
+                h = checkpoint(layer, h, self.rope_cos, self.rope_sin, balance, use_reentrant=False)
             else:
-                h = layer(h, self.rope_cos, self.rope_sin)
+                h = layer(h, self.rope_cos, self.rope_sin, balance)
         return self.norm(h)

@@ -31,6 +31,11 @@ class World:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def group(self) -> "dist.ProcessGroup | None":
+        """The data-parallel process group (all ranks), or None in a single process."""
+        return dist.group.WORLD if self.distributed else None
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -76,6 +81,15 @@ def init_world(device: str = "auto", timeout_s: float = 600.0) -> World:
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return World(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def ensure_process_group(world: World) -> None:
+    """Give a single-process run a one-rank process group: FSDP2 and DeepSpeed need one even alone."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if world.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=world.device if world.device.type == "cuda" else None)
 
 
 def close_world() -> None:

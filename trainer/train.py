@@ -8,19 +8,21 @@ global count of target tokens), clip, let the checkpointer wait, step, schedule,
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checkpoint.manager import Checkpointer
+from ..errors import UserError
+from ..moe.balance import BalanceCollector
+from ..moe.config import check_moe_config
 from ..nn.hf import HFCausalLMAdapter, load_hf_model
 from ..nn.loss import IGNORE_INDEX, LanguageModelLoss
 from ..nn.model import Transformer, resolve_model_config
 from ..optim.build import build_optimizer
 from ..parallel.world import World, close_world, init_world
-from ..parallel.wrap import wrap_model
+from ..parallel.wrap import build_engine
 from .config import Config, accumulation_steps, fingerprint, to_dict, to_yaml
 from .data import build_data
 from .metrics import MetricsLogger, perplexity
@@ -59,13 +61,16 @@ class RNGState:
 
 def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     """leantrain's Transformer from the preset, or a local Hugging Face causal LM (``model.hf``)."""
+    check_moe_config(cfg.moe)
     if cfg.model.hf:
+        if cfg.moe.num_experts:
+            raise UserError("moe.num_experts applies to leantrain's own model; a model.hf MoE model brings its own experts")
         model = HFCausalLMAdapter(load_hf_model(cfg.model.hf, torch.float32, cfg.trainer.seed))
         model.check_tokenizer(vocab_size)
         if cfg.model.activation_checkpointing:
             model.hf_model.gradient_checkpointing_enable()
         return model
-    return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len))
+    return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len), cfg.moe)
 
 
 def autocast(cfg: Config, world: World):
@@ -106,15 +111,19 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
     model = build_model(cfg, data.vocab_size).to(world.device)
     loss_module = LanguageModelLoss(model, cfg.loss)
-    train_module = wrap_model(loss_module, cfg.parallel, world)
-    optimizer = build_optimizer(cfg.optim, model)
+    engine = build_engine(loss_module, model, cfg.parallel, world, lambda: build_optimizer(cfg.optim, model),
+                          grad_clip=tcfg.grad_clip, micro_batch_size=tcfg.micro_batch_size, accumulation_steps=accum)
+    optimizer = engine.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = data.train_loader(tcfg.micro_batch_size)
     progress = Progress()
+    # MoE layers record routing statistics here; in `global` mode it all-reduces expert counts.
+    balance = BalanceCollector(cfg.moe, group=world.group) if cfg.moe.num_experts else None
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, fingerprint(cfg), world.rank, world.world_size, world.barrier)
-    replicated = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "progress": progress}
-    per_rank = {"data": loader, "rng": RNGState()}
+    model_states, rank_states = engine.checkpoint_states()
+    replicated = {**model_states, "scheduler": scheduler, "progress": progress}
+    per_rank = {**rank_states, "data": loader, "rng": RNGState()}
     start = checkpointer.restore(replicated, per_rank)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,25 +149,26 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         micro_batches = [loader.next() for _ in range(accum)]
         n_targets = world.all_reduce_sum(
             torch.tensor(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches), device=world.device))
-        # DDP averages gradients over ranks; scaling by world size / global targets makes the
-        # gradient that of the mean loss over every target token of the global batch.
+        # Every backend averages gradients over ranks; scaling by world size / global targets makes
+        # the gradient that of the mean loss over every target token of the global batch.
         scale = world.world_size / n_targets.item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
         for i, (inputs, targets) in enumerate(micro_batches):
             inputs, targets = inputs.to(world.device), targets.to(world.device)
             is_last = i == accum - 1
-            sync = train_module.no_sync() if world.distributed and not is_last else nullcontext()
-            with sync:
+            with engine.micro_step(is_last):
                 with autocast(cfg, world):
-                    loss = train_module(inputs, targets)
-                (loss * scale).backward()
+                    loss = engine.module(inputs, targets, balance)
+                aux = balance.loss() / accum if balance is not None else 0.0
+                engine.backward(loss * scale + aux)
             loss_sum += loss.detach().double()
-        clip = tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         checkpointer.wait_before_step()
-        optimizer.step()
+        grad_norm = engine.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
+        moe_metrics = balance.metrics() if balance is not None else {}
+        if balance is not None:
+            balance.reset()
         progress.step += 1
         progress.tokens_seen += int(n_targets.item())
         window_tokens += int(n_targets.item())
@@ -169,7 +179,8 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             elapsed = time.perf_counter() - window_start
             last = {"step": step, "loss": world.all_reduce_sum(loss_sum).item() / n_targets.item(),
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": progress.tokens_seen}
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": progress.tokens_seen,
+                    **moe_metrics}
             if evaluate_now:
                 last["val_loss"] = evaluate(loss_module, data, cfg, world)
                 last["val_ppl"] = perplexity(last["val_loss"])
@@ -178,6 +189,6 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         checkpointer.after_step(step, replicated, per_rank, force=step == stop)
 
     if progress.step >= tcfg.max_steps:
-        checkpointer.save_final(model.state_dict(), {"config": to_yaml(cfg), "step": str(progress.step)})
+        checkpointer.save_final(engine.full_state_dict(), {"config": to_yaml(cfg), "step": str(progress.step)})
     metrics.close()
     return last

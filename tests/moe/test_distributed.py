@@ -141,6 +141,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         data, weight = scaling_data(accumulation)
         results[f"scaling{accumulation}"] = gradient_scaling(rank, world, accumulation, data, weight)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # neither rank tears its connections down while the other still uses them
     dist.destroy_process_group()
 
 
@@ -163,8 +164,16 @@ def two_ranks(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
 
-def test_global_balancing_on_two_ranks_logs_the_single_process_loss(two_ranks):
+@pytest.fixture
+def one_thread():
+    """The single-process reference runs with one thread, as each rank did."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_global_balancing_on_two_ranks_logs_the_single_process_loss(two_ranks, one_thread):
     single = train("global", 0, 1)
     distributed = two_ranks[0]["global"]
     assert distributed == two_ranks[1]["global"]
@@ -172,8 +181,7 @@ def test_global_balancing_on_two_ranks_logs_the_single_process_loss(two_ranks):
         assert abs(d - s) <= 1e-5 * abs(s), (step, d, s)
 
 
-def test_micro_balancing_on_two_ranks_differs_from_one_process(two_ranks):
-    torch.set_num_threads(1)
+def test_micro_balancing_on_two_ranks_differs_from_one_process(two_ranks, one_thread):
     single = train("micro", 0, 1)
     distributed = two_ranks[0]["micro"]
     # Already at the first step: the mean of two half-batch LBLs is not the LBL of the whole batch.
