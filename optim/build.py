@@ -10,14 +10,17 @@ from ..errors import UserError
 from .config import OptimConfig
 from .galore import SWITCH_POLICIES, GaLoreAdamW, check_stagger, stagger_offsets
 from .groups import decay_groups, low_rank_groups
+from .frugal import FRUGAL
 from .layerwise import LayerwiseOptimizer
+from .lisa import LISA
 from .natural_galore import NaturalGaLoreAdamW
+from .offload import OffloadOptimizer
 from .projector import PROJ_TYPES, SVD_METHODS
 
-OPTIMIZERS = ("adamw", "galore", "natural_galore")
+OPTIMIZERS = ("adamw", "galore", "natural_galore", "frugal", "lisa")
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.optim.Optimizer:
     """Build the optimizer named by ``optim.name`` for ``model``'s trainable parameters.
 
     With ``optim.layerwise`` this returns a ``LayerwiseOptimizer``; pass the DDP-wrapped module (or
@@ -36,8 +39,33 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     elif cfg.name in ("galore", "natural_galore"):
         groups, optimizer_class, kwargs = _low_rank_setup(cfg, model)
+    elif cfg.name == "frugal":
+        groups = low_rank_groups(model, cfg.target_modules, cfg.weight_decay, {"projectable": True})
+        optimizer_class = FRUGAL
+        f = cfg.frugal
+        kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, density=f.density, update_gap=f.update_gap,
+                      selection=f.selection, block_order=f.block_order, state_free=f.state_free,
+                      reset_statistics=f.reset_statistics, inactive_lr_scale=f.inactive_lr_scale,
+                      state_full_lr_scale=f.state_full_lr_scale)
+    elif cfg.name == "lisa":
+        if cfg.layerwise or cfg.offload != "none":
+            raise UserError("optim.name=lisa manages its own active layers; set optim.layerwise=false and optim.offload=none")
+        if cfg.lisa.base != "adamw":
+            raise UserError(f"optim.lisa.base: {cfg.lisa.base!r} is not supported; use adamw")
+        return LISA(model, n_layers=cfg.lisa.n_layers, interval=cfg.lisa.interval, seed=seed,
+                    layers_attr=cfg.lisa.layers_attr or None, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                    weight_decay=cfg.weight_decay)
     else:
         raise UserError(f"optim.name: unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.offload != "none":
+        if cfg.layerwise:
+            raise UserError("optim.offload and optim.layerwise cannot be combined: offload steps whole subgroups "
+                            "after backward; choose one")
+        if cfg.stagger is not False and cfg.name != "adamw":
+            groups = _split_for_stagger(groups, cfg.stagger)
+            kwargs.pop("stagger")
+        return OffloadOptimizer(groups, optimizer_class, mode=cfg.offload, subgroup_numel=cfg.offload_subgroup_size,
+                                cpu_threads=cfg.offload_cpu_threads, **kwargs)
     if not cfg.layerwise:
         return optimizer_class(groups, **kwargs)
     if cfg.stagger is not False and cfg.name != "adamw":

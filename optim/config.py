@@ -7,9 +7,41 @@ DEFAULT_TARGET_MODULES = ("attention", "attn", "feed_forward", "mlp")
 
 
 @dataclass
+class FrugalConfig:
+    density: float = 0.25
+    """Fraction of each projectable weight updated by the state-full optimizer."""
+    update_gap: int = 200
+    """Steps between subspace changes."""
+    selection: str = "block"
+    """Subspace: block | columns | rows | randk | svd | random."""
+    block_order: str = "descending"
+    """block selection order: random | ascending | descending (the paper's pretraining setting)."""
+    state_free: str = "signsgd"
+    """Rule for the residual: signsgd | sgd | none (GaLore-like)."""
+    reset_statistics: bool = True
+    """Reset the Adam state (and its step) when the subspace changes."""
+    inactive_lr_scale: float = 1.0
+    """LR scale of the state-free part."""
+    state_full_lr_scale: float = 1.0
+    """LR scale of the state-full part."""
+
+
+@dataclass
+class LisaConfig:
+    n_layers: int = 2
+    """Middle blocks trained at a time."""
+    interval: int = 20
+    """Steps between switches of the active blocks."""
+    base: str = "adamw"
+    """Optimizer of the active layers: adamw (torch's)."""
+    layers_attr: str = ""
+    """Dotted path of the block list; empty finds layers, model.layers, transformer.h, ..."""
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer: adamw | galore | natural_galore."""
+    """Optimizer: adamw | galore | natural_galore | frugal | lisa."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -50,3 +82,11 @@ class OptimConfig:
     """Step each parameter inside backward once its gradient is complete, freeing gradients early."""
     layerwise_clip: float = 0.0
     """layerwise: clip each parameter's gradient norm to this (global clipping is impossible); 0 disables."""
+    frugal: FrugalConfig = field(default_factory=FrugalConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    offload: str = "none"
+    """Optimizer state and fp32 masters in host memory: none | cpu | interleaved (host/GPU split planned per step)."""
+    offload_subgroup_size: int = 100_000_000
+    """offload: parameters per subgroup (whole tensors), moved and updated together."""
+    offload_cpu_threads: int = 0
+    """offload: host threads updating subgroups at once; 0 = min(4, torch threads)."""

@@ -22,6 +22,8 @@ from ..nn.loss import LOSS_IMPLS, LossConfig
 from ..nn.model import PRESETS
 from ..optim.build import OPTIMIZERS
 from ..optim.config import OptimConfig
+from ..optim.frugal import BLOCK_ORDERS, SELECTIONS, STATE_FREE_RULES
+from ..optim.offload import OFFLOAD_MODES
 from ..parallel.config import ParallelConfig
 from ..parallel.wrap import BACKENDS
 from .data import SOURCES, DataConfig
@@ -74,6 +76,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": SOURCES,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
+    "optim.offload": OFFLOAD_MODES,
+    "optim.frugal.selection": SELECTIONS,
+    "optim.frugal.block_order": BLOCK_ORDERS,
+    "optim.frugal.state_free": STATE_FREE_RULES,
+    "parallel.param_dtype": ("fp32", "bf16"),
+    "parallel.reduce_dtype": ("fp32", "bf16"),
     "loss.impl": LOSS_IMPLS,
     "parallel.backend": BACKENDS,
     "logging.wandb.mode": WANDB_MODES,

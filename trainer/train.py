@@ -111,7 +111,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
     model = build_model(cfg, data.vocab_size).to(world.device)
     loss_module = LanguageModelLoss(model, cfg.loss)
-    engine = build_engine(loss_module, model, cfg.parallel, world, lambda: build_optimizer(cfg.optim, model),
+    engine = build_engine(loss_module, model, cfg.parallel, world, lambda: build_optimizer(cfg.optim, model, tcfg.seed),
                           grad_clip=tcfg.grad_clip, micro_batch_size=tcfg.micro_batch_size, accumulation_steps=accum)
     optimizer = engine.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)

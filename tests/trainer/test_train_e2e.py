@@ -179,3 +179,19 @@ def test_plot_two_runs(tiny_overrides, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     missing = run_leantrain(["plot", str(tmp_path / "nope"), "--out", str(out)])
     assert_clean_failure(missing, "nope")
+
+
+@pytest.mark.parametrize("optimizer", [
+    ["optim.name=galore", "optim.rank=8", "optim.update_proj_gap=2"],
+    ["optim.name=natural_galore", "optim.rank=8", "optim.update_proj_gap=2"],
+    ["optim.name=galore", "optim.rank=8", "optim.layerwise=true", "optim.layerwise_clip=1.0"],
+    ["optim.name=frugal", "optim.frugal.update_gap=2"],
+    ["optim.name=lisa", "optim.lisa.n_layers=1", "optim.lisa.interval=2"],
+    ["optim.name=adamw", "optim.offload=interleaved", "optim.offload_subgroup_size=5000"],
+], ids=["galore", "natural_galore", "galore_layerwise", "frugal", "lisa", "offload"])
+def test_every_optimizer_trains_through_the_cli(tiny_overrides, tmp_path, optimizer):
+    result = run_leantrain(["train", "quickstart", *tiny_overrides, *optimizer, "trainer.max_steps=6",
+                            "optim.lr=3e-3", "trainer.eval_interval=0"])
+    assert result.returncode == 0, result.stderr
+    losses = step_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]

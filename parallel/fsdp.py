@@ -1,0 +1,183 @@
+"""FSDP2: ``fully_shard`` per transformer block and at the root, sharded checkpoints as local tensors.
+
+Each block is its own FSDP unit (its weights are gathered for its forward and backward only); the
+root, the loss module, holds the rest (embeddings, final norm, output head), so the head weight that
+the loss reads inside ``forward`` is gathered like any other. Parameters become DTensors sharded on
+dim 0, and so do the gradients (reduce-scattered, averaged over ranks like DDP's) and the optimizer
+state that AdamW creates with ``zeros_like``. Low-rank optimizers are swapped for their sharded
+forms (``sharded_lowrank.py``).
+
+Checkpoints keep the shards: each rank writes its own local tensors, every DTensor replaced by a
+plain tensor plus its placements and global shape, and rebuilds the DTensors on load.
+"""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.optim import Optimizer
+
+from ..errors import UserError
+from .config import ParallelConfig
+from .sharded_lowrank import shard_optimizer
+from .world import World, ensure_process_group
+from .wrap import DataParallelEngine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BLOCK_LISTS = ("layers", "h", "blocks")  # leantrain and LLaMA-likes, GPT-2, others
+_DTENSOR_KEY = "__dtensor_local__"
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of the first ``nn.ModuleList`` named layers, h or blocks (empty if there is none)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LISTS:
+            return list(module)
+    return []
+
+
+def shard_model(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, mesh: DeviceMesh) -> None:
+    """Apply ``fully_shard`` to every block of ``model``, then to ``loss_module`` as the root, in place."""
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(cfg, key) not in DTYPES:
+            raise UserError(f"parallel.{key}={getattr(cfg, key)!r}; choose one of {', '.join(DTYPES)}")
+    options: dict[str, Any] = dict(
+        mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward,
+        mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype]),
+        offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.fsdp_cpu_offload
+        else OffloadPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    fully_shard(loss_module, **options)
+
+
+def build_fsdp2_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, world: World,
+                       make_optimizer: Callable[[], Optimizer], grad_clip: float) -> "FSDP2Engine":
+    ensure_process_group(world)
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    shard_model(loss_module, model, cfg, mesh)
+    optimizer = shard_optimizer(make_optimizer())
+    return FSDP2Engine(loss_module, model, optimizer, grad_clip, mesh)
+
+
+class FSDP2Engine(DataParallelEngine):
+    """The loop's view of an FSDP2 run: sharded model, sharded optimizer state, per-rank checkpoints."""
+
+    def __init__(self, module: nn.Module, model: nn.Module, optimizer: Optimizer, grad_clip: float, mesh: DeviceMesh):
+        super().__init__(module, model, optimizer, grad_clip)
+        self.mesh = mesh
+
+    def micro_step(self, is_last: bool) -> AbstractContextManager:
+        # Without sync the unsharded gradients accumulate locally; the last backward reduce-scatters them.
+        if isinstance(self.module, FSDPModule):
+            self.module.set_requires_gradient_sync(is_last)
+        return nullcontext()
+
+    def step(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if isinstance(norm, DTensor):  # partial sums of squares on each rank
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
+        self.optimizer.step()
+        return norm
+
+    def checkpoint_states(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        model, optimizer = ShardedModelState(self.model), ShardedOptimizerState(self.optimizer, self.mesh)
+        return {}, {"model": model, "optimizer": optimizer}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: value.full_tensor() if isinstance(value, DTensor) else value
+                for name, value in self.model.state_dict().items()}
+
+
+def to_local_state(tree: Any) -> Any:
+    """``tree`` with every DTensor replaced by ``{__dtensor_local__: shard, placements, shape}``."""
+    if isinstance(tree, DTensor):
+        local = tree.to_local().detach()
+        if local.untyped_storage().nbytes() != local.numel() * local.element_size():
+            local = local.clone()  # a view into FSDP's padded buffer would save the whole buffer
+        return {_DTENSOR_KEY: local, "placements": [_encode(p) for p in tree.placements], "shape": list(tree.shape)}
+    if isinstance(tree, dict):
+        return {key: to_local_state(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_local_state(value) for value in tree)
+    return tree
+
+
+def from_local_state(tree: Any, mesh: DeviceMesh) -> Any:
+    """Inverse of ``to_local_state``: the DTensors rebuilt on ``mesh`` from this rank's shards."""
+    if isinstance(tree, dict) and _DTENSOR_KEY in tree:
+        shape = torch.Size(tree["shape"])
+        return DTensor.from_local(tree[_DTENSOR_KEY], mesh, [_decode(p) for p in tree["placements"]], run_check=False,
+                                  shape=shape, stride=_contiguous_stride(shape))
+    if isinstance(tree, dict):
+        return {key: from_local_state(value, mesh) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(from_local_state(value, mesh) for value in tree)
+    return tree
+
+
+def _encode(placement: Any) -> list:
+    if isinstance(placement, Shard):
+        return ["shard", placement.dim]
+    if isinstance(placement, Replicate):
+        return ["replicate"]
+    raise ValueError(f"cannot checkpoint a DTensor with placement {placement}")
+
+
+def _decode(encoded: list) -> Shard | Replicate:
+    return Shard(encoded[1]) if encoded[0] == "shard" else Replicate()
+
+
+def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= size
+    return tuple(reversed(stride))
+
+
+class ShardedModelState:
+    """This rank's shards of a model's state dict, as plain tensors."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return to_local_state(self.model.state_dict())
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        current = self.model.state_dict()
+        if set(state) != set(current):
+            missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+            raise UserError(f"checkpoint model state does not match the model: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}")
+        for name, target in current.items():
+            saved = state[name]
+            local = target.to_local() if isinstance(target, DTensor) else target
+            shard = saved[_DTENSOR_KEY] if isinstance(saved, dict) else saved
+            if shard.shape != local.shape:
+                raise UserError(f"checkpoint model state {name!r} has a shard of shape {tuple(shard.shape)}, this "
+                                f"rank holds {tuple(local.shape)}: resume with the world size it was saved with")
+            local.copy_(shard)
+
+
+class ShardedOptimizerState:
+    """This rank's part of an optimizer's state dict (sharded moments as local tensors)."""
+
+    def __init__(self, optimizer: Optimizer, mesh: DeviceMesh):
+        self.optimizer = optimizer
+        self.mesh = mesh
+
+    def state_dict(self) -> dict[str, Any]:
+        return to_local_state(self.optimizer.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(from_local_state(state, self.mesh))

@@ -1,0 +1,376 @@
+"""GaLore and Natural GaLore on FSDP2's DTensor parameters, rows sharded on dim 0, without gathering gradients.
+
+A rank holds rows [r0, r1) of each m x n weight, of its gradient G_i, and of every row-indexed
+factor. What each piece of GaLore becomes:
+
+- Right projection (G Q^T, Q k x n, GaLore's choice when m >= n): G_i Q^T is this rank's rows of
+  the low-rank gradient, so projection, moments (m_i x k) and the update (those rows times Q) stay
+  local. Q, the top-k eigenvectors of the Gram matrix G^T G = sum_i G_i^T G_i, is replicated.
+- Left projection (P^T G, P m x k): P is sharded by rows like the weight, and P^T G = sum_i P_i^T G_i
+  is reduce-scattered by columns: each rank keeps the moments of k x ceil(n / W) columns, and the
+  Adam update is all-gathered (k x n) before P_i maps it back onto the local rows.
+- Full (P^T G Q^T): the k x k low-rank gradient is all-reduced; its moments are replicated.
+
+Bases at refresh steps: exact SVD from the all-reduced Gram G^T G when n <= m (the right singular
+vectors are its eigenvectors and P_i = G_i V / sigma), else from the gradient gathered once (the
+n x n Gram would be larger than G itself); the randomized range finder runs on the shards with
+all-reduced n x w products and a Cholesky QR of row-sharded blocks, drawing the same test matrix
+as the single-device optimizer. Natural GaLore's Fisher Gram (s x s) is all-reduced over the
+shards of the history. Exact bases from the Gram can differ from LAPACK's SVD by the signs of
+singular vectors, which only matters with ``switch="keep"`` across a refresh.
+
+Every collective runs on every rank in the same order: decisions that could differ between ranks
+(the guard's "is the gradient finite") are all-reduced first.
+"""
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+from torch.optim import Optimizer
+
+from ..errors import UserError
+from ..optim import projector
+from ..optim.galore import GaLoreAdamW
+from ..optim.natural_galore import NaturalGaLoreAdamW, auto_history, damped_solve_fallback
+
+FSDP2_OPTIMIZERS = "adamw, galore and natural_galore"
+
+
+def shard_optimizer(optimizer: Optimizer) -> Optimizer:
+    """``optimizer`` in a form that steps DTensor parameters sharded on dim 0 (torch's run as they are)."""
+    kind = type(optimizer)
+    if kind.__name__ == "OffloadOptimizer":
+        raise UserError("optim.offload cannot wrap the optimizer under parallel.backend=fsdp2: FSDP2 offloads the "
+                        "sharded weights and optimizer state itself, set parallel.fsdp_cpu_offload=true instead")
+    if kind.__module__.startswith("torch.optim"):
+        return optimizer
+    sharded = {GaLoreAdamW: ShardedGaLoreAdamW, NaturalGaLoreAdamW: ShardedNaturalGaLoreAdamW}.get(kind)
+    if sharded is None:
+        raise UserError(f"parallel.backend=fsdp2 cannot run {kind.__name__}: it runs optim.name {FSDP2_OPTIMIZERS}; "
+                        f"use parallel.backend=ddp for this optimizer")
+    return sharded(optimizer.param_groups, **optimizer.defaults, stagger=optimizer.stagger)
+
+
+def _group_of(t: DTensor) -> dist.ProcessGroup:
+    return t.device_mesh.get_group()
+
+
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup) -> bool:
+    return bool(_all_reduce(torch.tensor([float(flag)], device=device), group, dist.ReduceOp.MAX).item())
+
+
+def row_range(t: DTensor) -> tuple[int, int]:
+    """Rows [start, stop) of a Shard(0) DTensor held by this rank (torch.chunk's split, as DTensor's)."""
+    m = t.shape[0]
+    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-m // world)
+    start = min(rank * chunk, m)
+    stop = min(start + chunk, m)
+    if stop - start != t.to_local().shape[0]:
+        raise ValueError(f"unexpected shard of {tuple(t.to_local().shape)} for a {tuple(t.shape)} Shard(0) DTensor")
+    return start, stop
+
+
+def _working(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+
+
+def exact_basis(grad: DTensor, k: int, side: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(P_i, Q): this rank's rows of the top-k left singular vectors and the replicated right ones."""
+    m, n = grad.shape
+    local = _working(grad.to_local())
+    if n <= m:  # the n x n Gram is no larger than the gradient
+        a = local.double()
+        evals, evecs = torch.linalg.eigh(_all_reduce(a.T @ a, _group_of(grad)))
+        v = evecs[:, -k:].flip(-1)  # eigh sorts ascending
+        right = v.T.to(local.dtype) if side in ("right", "full") else None
+        left = None
+        if side in ("left", "full"):
+            sigma = evals[-k:].flip(-1).clamp(min=0.0).sqrt()
+            left = (a @ v / sigma.clamp(min=torch.finfo(torch.float64).tiny)).to(local.dtype)
+        return left, right
+    left, right = projector.exact_basis(grad.full_tensor(), k, side)
+    if left is not None:
+        start, stop = row_range(grad)
+        left = left[start:stop]
+    return left, right
+
+
+def _orthonormal_rows(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """An orthonormal basis of a row-sharded tall matrix's columns: Cholesky QR, twice for accuracy."""
+    for _ in range(2):
+        chol = torch.linalg.cholesky(_all_reduce((y.T @ y).double(), group))
+        y = torch.linalg.solve_triangular(chol.T.to(y.dtype), y, upper=True, left=False)
+    return y
+
+
+def randomized_basis(grad: DTensor, k: int, side: str, oversample: int, power_iters: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``projector.randomized_basis`` on row shards: the same test matrix and Rayleigh-Ritz extraction."""
+    group = _group_of(grad)
+    a = _working(grad.to_local())
+    m, n = grad.shape
+    width = min(k + oversample, m, n)
+    iterate_right = side == "right" or (side == "full" and n <= m)
+    if iterate_right:  # x is n x width, replicated; products with G are row-sharded
+        x = torch.randn(n, width, generator=generator, device=a.device, dtype=a.dtype)
+        for _ in range(power_iters):
+            x = torch.linalg.qr(_all_reduce(a.T @ (a @ x), group)).Q
+        c = a @ x
+        if side == "full":
+            q_c = _orthonormal_rows(c, group)
+            u_r, _, wh = torch.linalg.svd(_all_reduce(q_c.T @ c, group))
+            return q_c @ u_r[:, :k], (x @ wh[:k].T).T
+        _, w = torch.linalg.eigh(_all_reduce(c.T @ c, group))
+        return None, (x @ w[:, -k:].flip(-1)).T
+    start, stop = row_range(grad)  # x is m x width, sharded by rows like the weight
+    x = torch.randn(m, width, generator=generator, device=a.device, dtype=a.dtype)[start:stop]
+    for _ in range(power_iters):
+        x = _orthonormal_rows(a @ _all_reduce(a.T @ x, group), group)
+    c = _all_reduce(a.T @ x, group)
+    if side == "full":
+        u_c, _, wh = torch.linalg.svd(c, full_matrices=False)
+        return x @ wh[:k].T, u_c[:, :k].T
+    _, w = torch.linalg.eigh(c.T @ c)
+    return x @ w[:, -k:].flip(-1), None
+
+
+def _aligned_rows(new: torch.Tensor, old: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """``projector.align_signs`` for a row-sharded P: the column dot products summed over ranks."""
+    dots = _all_reduce((new * old).sum(dim=0, keepdim=True), group)
+    return new * torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
+
+
+def _column_chunk(n: int, world: int) -> int:
+    return -(-n // world)
+
+
+def reduce_scatter_columns(low: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum of ``low`` (k x n) over ranks, this rank's k x ceil(n / W) block of columns (zero-padded)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    k, n = low.shape
+    chunk = _column_chunk(n, world)
+    stacked = torch.zeros(world * chunk, k, dtype=low.dtype, device=low.device)
+    stacked[:n] = low.T
+    out = torch.empty(chunk, k, dtype=low.dtype, device=low.device)
+    dist.reduce_scatter_single(out, stacked, group=group)
+    return out.T.contiguous()
+
+
+def all_gather_columns(block: torch.Tensor, n: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Inverse of ``reduce_scatter_columns`` without the sum: the k x n matrix from every rank's block."""
+    world = dist.get_world_size(group)
+    k, chunk = block.shape
+    out = torch.empty(world * chunk, k, dtype=block.dtype, device=block.device)
+    dist.all_gather_single(out, block.T.contiguous(), group=group)
+    return out[:n].T
+
+
+def low_rank_local_shape(side: str, p: DTensor, k: int) -> tuple[int, int]:
+    """Shape of this rank's low-rank gradient and moments."""
+    if side == "right":
+        return p.to_local().shape[0], k
+    if side == "left":
+        return k, _column_chunk(p.shape[1], p.device_mesh.size())
+    return k, k
+
+
+class ShardedGaLoreAdamW(GaLoreAdamW):
+    """GaLoreAdamW for DTensor parameters sharded on dim 0 over a 1-D mesh; all state is local tensors.
+
+    Takes GaLoreAdamW's arguments. Projected parameters must be 2-D ``Shard(0)`` DTensors; the others
+    may be DTensors with any placement (their AdamW runs on the local shards).
+    """
+
+    def _check_group(self, group: dict[str, Any], index: int) -> None:
+        super()._check_group(group, index)
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                raise ValueError(f"{type(self).__name__} steps DTensor parameters (FSDP2); got a plain tensor")
+            if "rank" in group and (p.device_mesh.ndim != 1 or p.placements != (Shard(0),)):
+                raise ValueError(f"projected parameters must be sharded on dim 0 over a 1-D mesh, got {p.placements}")
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        state["step"] = torch.tensor(0.0)
+        state["moment_step"] = torch.tensor(0.0)
+        local = p.to_local()
+        if "rank" in group:
+            side = projector.projection_side(group["proj_type"], p.shape)
+            k = projector.effective_rank(group["rank"], p.shape)
+            shape = low_rank_local_shape(side, p, k)
+        else:
+            shape = local.shape
+        state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
+
+    def _project(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], ordinal: int,
+                 offset: int) -> torch.Tensor | None:
+        side = projector.projection_side(group["proj_type"], p.shape)
+        step = int(state["step"])
+        has_basis = "proj_left" in state or "proj_right" in state
+        if not has_basis or (step - offset) % group["update_proj_gap"] == 0:
+            self._refresh(p, state, group, side, ordinal, step)
+            has_basis = "proj_left" in state or "proj_right" in state
+        if not has_basis:
+            return None
+        grad, comm = p.grad.to_local(), _group_of(p)
+        left, right = state.get("proj_left"), state.get("proj_right")
+        if side == "right":
+            return grad @ right.T
+        if side == "left":
+            return reduce_scatter_columns(left.T @ grad, comm)
+        return _all_reduce(left.T @ grad @ right.T, comm)
+
+    def _refresh(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str, ordinal: int,
+                 step: int) -> None:
+        """GaLoreAdamW._refresh with sharded bases and an all-reduced change of basis."""
+        k = projector.effective_rank(group["rank"], p.shape)
+        basis = self._sharded_basis(p, k, side, group, ordinal, step, state)
+        if basis is None:
+            self.refresh_failures += 1
+            warnings.warn("GaLore kept the previous subspace of a matrix: its gradient was not finite or its "
+                          "SVD failed", RuntimeWarning, stacklevel=3)
+            return
+        left, right = basis
+        old_left, old_right = state.get("proj_left"), state.get("proj_right")
+        if left is not None:
+            state["proj_left"] = left.to(dtype=p.dtype, copy=True, memory_format=torch.contiguous_format)
+        if right is not None:
+            state["proj_right"] = right.to(dtype=p.dtype, copy=True, memory_format=torch.contiguous_format)
+        if old_left is None and old_right is None:
+            return
+        policy = group["switch"]
+        r_left = r_right = None
+        if policy == "reset":
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+            state["moment_step"].zero_()
+        elif policy == "rotate":
+            if side in ("left", "full"):
+                r_left = _all_reduce(state["proj_left"].T @ old_left, _group_of(p))
+            if side in ("right", "full"):
+                r_right = old_right @ state["proj_right"].T
+            state["exp_avg"].copy_(projector.apply_change(state["exp_avg"], r_left, r_right))
+            squares = [None if r is None else r.square() for r in (r_left, r_right)]
+            state["exp_avg_sq"].copy_(projector.apply_change(state["exp_avg_sq"], *squares))
+        self._on_subspace_change(state, policy, r_left, r_right)
+
+    def _sharded_basis(self, p: DTensor, k: int, side: str, group: dict[str, Any], ordinal: int, step: int,
+                       state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """The new basis, or None (on every rank alike) when the guard rejects the gradient or the SVD."""
+        grad, comm = p.grad, _group_of(p)
+        device = grad.to_local().device
+        guard = group["guard"]
+        if guard and _any_rank(not bool(torch.isfinite(grad.to_local()).all()), device, comm):
+            return None
+        try:
+            if group["svd"] == "exact":
+                left, right = exact_basis(grad, k, side)
+            else:
+                generator = torch.Generator(device=device)
+                generator.manual_seed((ordinal + 1) * 1_000_003 + step)  # as GaLoreAdamW: same draws on every rank
+                left, right = randomized_basis(grad, k, side, group["oversample"], group["power_iters"], generator)
+                if "proj_left" in state and left is not None:
+                    left = _aligned_rows(left, state["proj_left"].to(left.dtype), comm)
+                if "proj_right" in state and right is not None:
+                    right = projector.align_signs(right, state["proj_right"].to(right.dtype), vectors_dim=0)
+        except torch.linalg.LinAlgError:  # the factorised matrices are replicated: every rank fails alike
+            if guard:
+                return None
+            raise
+        if guard:
+            bad = any(b is not None and not bool(torch.isfinite(b).all()) for b in (left, right))
+            if _any_rank(bad, device, comm):
+                return None
+        return left, right
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor], lows: list[torch.Tensor],
+                states: list[dict[str, Any]]) -> None:
+        local_params = [p.to_local() for p in params]
+        if "rank" not in group:
+            lows = [low.to_local() if isinstance(low, DTensor) else low for low in lows]
+            super()._update(group, local_params, lows, states)
+            return
+        # GaLoreAdamW._update's Adam, in its order, on the local low-rank gradients.
+        beta1, beta2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        for state in states:
+            state["step"] += 1
+            state["moment_step"] += 1
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, lows, alpha=1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1.0 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denoms, group["eps"])
+        normalized = torch._foreach_div(exp_avgs, denoms)
+        del denoms
+        for p, local, update, state in zip(params, local_params, normalized, states):
+            step_size = lr
+            if group["correct_bias"]:
+                t = state["moment_step"].item()
+                step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+            if wd > 0.0 and group["decay_before_update"]:
+                local.mul_(1.0 - lr * wd)
+            side = projector.projection_side(group["proj_type"], p.shape)
+            if side == "left":
+                update = all_gather_columns(update, p.shape[1], _group_of(p))
+            projector.add_projected_back_(local, update, side, state.get("proj_left"), state.get("proj_right"),
+                                          alpha=-step_size * group["scale"])
+            if wd > 0.0 and not group["decay_before_update"]:
+                local.add_(local, alpha=-lr * wd)
+
+
+class ShardedNaturalGaLoreAdamW(ShardedGaLoreAdamW, NaturalGaLoreAdamW):
+    """NaturalGaLoreAdamW on row-sharded DTensors: the history holds this rank's part of each low-rank gradient."""
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        ShardedGaLoreAdamW._init_state(self, p, state, group)
+        if "rank" not in group:
+            return
+        side = projector.projection_side(group["proj_type"], p.shape)
+        k = projector.effective_rank(group["rank"], p.shape)
+        size = group["history"] or auto_history(p.shape, side, k)
+        if size > 0:
+            state["history"] = torch.zeros(size, state["exp_avg"].numel(), dtype=p.dtype,
+                                           device=state["exp_avg"].device)
+
+    def _precondition(self, group: dict[str, Any], states: list[dict[str, Any]],
+                      lows: list[torch.Tensor]) -> list[torch.Tensor]:
+        damping = group["damping"]
+        param_of = {id(self.state[p]): p for p in group["params"] if p in self.state}
+        out = []
+        for state, low in zip(states, lows):
+            p = param_of[id(state)]
+            if "history" not in state:
+                out.append(low)
+                continue
+            history = state["history"]
+            row = int(state["step"]) % history.shape[0]
+            history[row].copy_(low.reshape(-1))
+            # The full (k x k) low-rank gradient is replicated; left and right ones are split over ranks.
+            sharded = projector.projection_side(group["proj_type"], p.shape) != "full"
+            gram = history @ history.T
+            if sharded:
+                gram = _all_reduce(gram, _group_of(p))
+            system = gram.double() + damping * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+            chol, info = torch.linalg.cholesky_ex(system)
+            if int(info) == 0:
+                unit = torch.zeros(gram.shape[0], 1, dtype=torch.float64, device=gram.device)
+                unit[row] = 1.0
+                natural = history.T @ torch.cholesky_solve(unit, chol).squeeze(1).to(history.dtype)
+            else:
+                natural = damped_solve_fallback(history, row, system, damping)
+            out.append(natural.view_as(low))
+        return out

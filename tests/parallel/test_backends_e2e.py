@@ -1,0 +1,90 @@
+"""Two-rank gloo runs through the CLI: fsdp2 and DeepSpeed ZeRO-2/3 train as DDP does and resume exactly."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from support import run_leantrain
+
+pytestmark = pytest.mark.slow
+
+BACKENDS = {
+    "fsdp2": ["parallel.backend=fsdp2"],
+    "zero2": ["parallel.backend=deepspeed", "parallel.deepspeed.zero_optimization.stage=2"],
+    "zero3": ["parallel.backend=deepspeed", "parallel.deepspeed.zero_optimization.stage=3"],
+}
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def train(overrides: list[str], run_dir: Path) -> Path:
+    result = run_leantrain(["quickstart", *overrides, f"trainer.run_dir={run_dir}"], torchrun_nproc=2, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+    return run_dir
+
+
+@pytest.fixture
+def common(tiny_overrides) -> list[str]:
+    # 2 accumulation steps per rank, and clipping that bites, so both paths are exercised.
+    return [*tiny_overrides, "trainer.global_batch_size=16", "trainer.eval_interval=0", "trainer.grad_clip=0.5",
+            "checkpoint.interval=5"]
+
+
+def assert_close(a: dict[int, float], b: dict[int, float], rel: float) -> None:
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
+
+
+_DDP_LOSSES: dict[int, float] = {}
+
+
+def ddp_losses(common: list[str], directory: Path) -> dict[int, float]:
+    """DDP's 10 logged losses for ``common``, run once for the module (the data cache is the session's)."""
+    if not _DDP_LOSSES:
+        _DDP_LOSSES.update(step_losses(train(common, directory / "ddp")))
+    return _DDP_LOSSES
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_backend_matches_ddp_and_resumes_exactly(backend, common, tmp_path):
+    straight = train([*common, *BACKENDS[backend]], tmp_path / "straight")
+    losses = step_losses(straight)
+    assert_close(ddp_losses(common, tmp_path), losses, rel=1e-4)
+    assert (straight / "final" / "model.safetensors").is_file()
+    # Resume the same backend from the step-5 checkpoint in a new run directory: steps 6-10 bit for bit.
+    step_5 = straight / "checkpoints" / "step_5"
+    resumed = train([*common, *BACKENDS[backend], f"checkpoint.resume={step_5}"], tmp_path / "resumed")
+    again = step_losses(resumed)
+    assert sorted(again) == [6, 7, 8, 9, 10]
+    assert {s: losses[s] for s in again} == again
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_galore_fsdp2_matches_galore_ddp(common, tmp_path):
+    galore = ["optim.name=galore", "optim.rank=8", "optim.lr=0.01"]
+    ddp = step_losses(train([*common, *galore], tmp_path / "ddp"))
+    fsdp2 = step_losses(train([*common, *galore, "parallel.backend=fsdp2"], tmp_path / "fsdp2"))
+    assert_close(ddp, fsdp2, rel=1e-4)
+
+
+def test_moe_global_balance_on_fsdp2_and_zero3_matches_ddp(tiny_overrides, tmp_path):
+    """MoE blocks with global-batch balancing: the loss and the balance loss agree across backends."""
+    moe = [*tiny_overrides, "moe.num_experts=4", "moe.top_k=2", "moe.lbl_coef=0.5", "moe.balance=global",
+           "trainer.max_steps=5", "trainer.micro_batch_size=2", "trainer.eval_interval=0"]
+    records = {}
+    for name, backend in (("ddp", []), ("fsdp2", BACKENDS["fsdp2"]), ("zero3", BACKENDS["zero3"])):
+        run = train([*moe, *backend], tmp_path / name)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records[name] = {r["step"]: r for r in lines if "loss" in r}
+    for name in ("fsdp2", "zero3"):
+        for step in range(1, 6):
+            for key in ("loss", "moe/lbl"):
+                expected, got = records["ddp"][step][key], records[name][step][key]
+                assert abs(expected - got) <= 1e-4 * abs(expected), (name, step, key, expected, got)
