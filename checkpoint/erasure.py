@@ -75,14 +75,14 @@ class ZfecCodec:
 
     def encode(self, data: Sequence[Block]) -> tuple[list[Block], bytes]:
         _check_lengths(data, self.k)
-        return list(self._encoder.encode([bytes(block) for block in data], list(range(self.k, self.k + self.m)))), b""
+        return list(self._encoder.encode(list(data), list(range(self.k, self.k + self.m)))), b""
 
     def decode(self, blocks: dict[int, Block], meta: bytes) -> list[Block]:
         _check_available(blocks, self.k, self.m)
         if all(index in blocks for index in range(self.k)):
             return [blocks[index] for index in range(self.k)]
         chosen = sorted(blocks)[: self.k]
-        return list(self._decoder.decode([bytes(blocks[index]) for index in chosen], chosen))
+        return list(self._decoder.decode([blocks[index] for index in chosen], chosen))
 
 
 class PyeclibCodec:
@@ -100,7 +100,7 @@ class PyeclibCodec:
         length = _check_lengths(data, self.k)
         fragments = self._driver.encode(b"".join(data))
         header = len(fragments[0]) - length
-        if header < 0 or any(bytes(fragments[i][header:]) != bytes(data[i]) for i in (0, self.k - 1)):
+        if header < 0 or any(memoryview(fragments[i])[header:] != memoryview(data[i]).cast("B") for i in (0, self.k - 1)):
             raise RuntimeError(f"{self.EC_TYPE} split {self.k} blocks of {length} bytes differently")
         headers = b"".join(fragment[:header] for fragment in fragments)
         return [memoryview(fragment)[header:] for fragment in fragments[self.k :]], headers

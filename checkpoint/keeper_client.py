@@ -25,16 +25,22 @@ class KeeperClient:
 
     @classmethod
     def attach(cls, run_dir: Path, node: int, local_rank: int, start: bool, host: str, idle_s: float,
-               timeout_s: float) -> "KeeperClient":
-        """Connect to the node's keeper; if ``start`` and none answers, launch one, detached, and wait for it."""
+               timeout_s: float, hello: dict[str, Any] | None = None) -> tuple["KeeperClient", dict]:
+        """Connect to the node's keeper and say ``hello``; if ``start`` and none answers, launch one.
+
+        Returns the client and the keeper's answer to hello. A keeper that is just exiting (its
+        run ended, or it was killed) may still accept a connection and then drop it: try again.
+        """
         deadline = time.monotonic() + timeout_s
         launched = False
         while True:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 connection.connect(socket_name(run_dir, node))
-                return cls(connection, node, local_rank)
-            except (FileNotFoundError, ConnectionRefusedError):
+                client = cls(connection, node, local_rank)
+                reply, _ = client.call("hello", local_rank=local_rank, run=hello) if hello else ({}, [])
+                return client, reply
+            except (FileNotFoundError, ConnectionError, wire.PeerGone):
                 connection.close()
             if start and not launched:
                 launch_keeper(run_dir, node, host, idle_s, timeout_s)
@@ -65,6 +71,15 @@ class KeeperClient:
         finally:
             os.close(fd)
         return self._mappings[uid]
+
+    def release(self, uid: int) -> None:
+        """Unmap slot ``uid`` (the keeper replaced it); a view still alive keeps it until it goes."""
+        memory = self._mappings.pop(uid, None)
+        if memory is not None:
+            try:
+                memory.close()
+            except BufferError:
+                pass
 
     def close(self) -> None:
         for memory in self._mappings.values():

@@ -159,6 +159,9 @@ class Copier:
         self._thread.join()
 
     def _loop(self) -> None:
+        # One thread of intra-op parallelism here (the setting is per thread): the copies are memory
+        # bound, and the training thread's pool should keep the cores.
+        torch.set_num_threads(1)
         while (job := self._queue.get()) is not None:
             job.run()
 

@@ -103,6 +103,11 @@ class Checkpointer:
     def barrier(self) -> None:
         self._barrier()
 
+    def flush(self) -> None:
+        """Lazy mode: wait for the snapshot in flight and the disk saves it started (sync: nothing to do)."""
+        if self._lazy is not None:
+            self._lazy.flush()
+
     def close(self, shutdown_keeper: bool = False) -> None:
         """Lazy mode: finish the snapshot in flight and detach from the keeper (stopping it, if asked)."""
         if self._lazy is not None:

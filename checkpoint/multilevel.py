@@ -29,7 +29,7 @@ import torch
 from ..errors import UserError
 from .disk import CheckpointError, find_checkpoints, load_checkpoint, write_final_weights, write_text_atomic
 from .keeper_client import KeeperClient, advertised_host
-from .lazy import Copier, LazyCopy, pin_host_memory
+from .lazy import Copier, LazyCopy, pin_host_memory, unpin_host_memory
 from .parity import group_of
 from .snapshot import assemble, flatten, plan_snapshot, shard_of
 
@@ -68,6 +68,10 @@ class SnapshotStats:
     snapshots: int = 0
     stall_s: float = 0.0
     """Time the training thread spent in after_step and waiting in wait_before_step / optimizer hooks."""
+    wait_s: float = 0.0
+    """Part of the stall spent before optimizer steps, on copies the background had not finished."""
+    settle_s: float = 0.0
+    """Part of the stall spent in after_step until every rank had committed the previous snapshot."""
     backpressure_s: float = 0.0
     """Part of the stall spent waiting for a free slot in the keeper."""
 
@@ -108,15 +112,17 @@ class LazyCheckpointer:
         self._slot_count = 0
         self._slot_capacity = 0
         self._hooked: set[int] = set()
+        self._slot_uids: dict[int, int] = {}
+        self._buffers: dict[int, torch.Tensor] = {}
         self._pinned: set[int] = set()
 
     # ---- restore -------------------------------------------------------------------------------------
 
     def restore(self, replicated: dict[str, "Stateful"], per_rank: dict[str, "Stateful"]) -> int:
         layout, cfg = self.layout, self.cfg
-        self.keeper = KeeperClient.attach(self.owner.run_dir, layout.node, layout.local_rank, layout.local_rank == 0,
-                                          advertised_host(), cfg.keeper_idle_s, cfg.keeper_timeout_s)
-        hello, _ = self.keeper.call("hello", local_rank=layout.local_rank, run=self._run_description(replicated, per_rank))
+        self.keeper, hello = KeeperClient.attach(
+            self.owner.run_dir, layout.node, layout.local_rank, layout.local_rank == 0, advertised_host(),
+            cfg.keeper_idle_s, cfg.keeper_timeout_s, hello=self._run_description(replicated, per_rank))
         report = None
         if layout.local_rank == 0:
             self._warn(self.keeper.call("flush", abandon=True)[0]["errors"])
@@ -240,30 +246,29 @@ class LazyCheckpointer:
         due = to_disk or step % cfg.memory_interval == 0
         if not due or step < 1 or step == self._last_step:
             return False
+        if self.keeper is None:
+            raise RuntimeError("call restore() before after_step(): it attaches to the node's keeper")
         started = time.perf_counter()
         self._hook_optimizers(replicated)
         self._settle_pending()
+        self.stats.settle_s += time.perf_counter() - started
 
-        groups = {REPLICATED: {name: obj.state_dict() for name, obj in replicated.items()},
-                  "per_rank": {name: obj.state_dict() for name, obj in per_rank.items()}}
-        _, shared = flatten(groups[REPLICATED])
-        owners = shard_of(shared, self.layout.local_world_size)
+        flat = {REPLICATED: flatten({name: obj.state_dict() for name, obj in replicated.items()}, REPLICATED),
+                "per_rank": flatten({name: obj.state_dict() for name, obj in per_rank.items()}, "per_rank")}
+        owners = shard_of(flat[REPLICATED][1], self.layout.local_world_size)
         held = {REPLICATED: [owner == self.layout.local_rank for owner in owners],
-                "per_rank": [True] * len(flatten(groups["per_rank"])[1])}
+                "per_rank": [True] * len(flat["per_rank"][1])}
         identity = {"rank": self.rank, "world_size": self.world_size, "node": self.layout.node,
                     "local_rank": self.layout.local_rank}
-        plan = plan_snapshot(step, identity, groups, held)
+        plan = plan_snapshot(step, identity, flat, held)
         self._size_slots(plan.nbytes)
         waited = time.perf_counter()
         reply, fds = self.keeper.call("acquire", local_rank=self.layout.local_rank, step=step, nbytes=plan.nbytes,
                                       keep=[self._complete_step], count=self._slot_count,
                                       capacity=self._slot_capacity)
         self.stats.backpressure_s += time.perf_counter() - waited
-        memory = self.keeper.mapping(reply["uid"], fds[0], reply["capacity"])
-        buffer = torch.frombuffer(memory, dtype=torch.uint8)
-        if any(source.is_cuda for source, _ in plan.copies) and reply["uid"] not in self._pinned:
-            pin_host_memory(buffer)
-            self._pinned.add(reply["uid"])
+        buffer = self._slot_buffer(reply["slot"], reply["uid"], fds[0], reply["capacity"],
+                                   pin=any(source.is_cuda for source, _ in plan.copies))
         buffer[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
 
         stable = _stable_storages(replicated, per_rank)
@@ -293,6 +298,7 @@ class LazyCheckpointer:
         if self._pending is not None:
             started = time.perf_counter()
             self._pending.wait()
+            self.stats.wait_s += time.perf_counter() - started
             self.stats.stall_s += time.perf_counter() - started
 
     def flush(self) -> None:
@@ -325,6 +331,10 @@ class LazyCheckpointer:
         if self.keeper is not None:
             if shutdown_keeper and self.layout.local_rank == 0:
                 self.keeper.call("shutdown")
+            for uid in self._pinned:
+                unpin_host_memory(self._buffers[uid])
+            self._pinned.clear()
+            self._buffers.clear()
             self.keeper.close()
             self.keeper = None
 
@@ -338,6 +348,27 @@ class LazyCheckpointer:
             self.keeper.tell("complete", step=self._pending_step, persist=self._pending_persist)
         self._complete_step = self._pending_step
         self._pending = None
+
+    def _slot_buffer(self, slot: int, uid: int, fd: int, capacity: int, pin: bool) -> torch.Tensor:
+        """The slot's shared memory as bytes, mapped once; page-locked for CUDA copies. A slot the
+        keeper replaced (to grow it) is unmapped."""
+        replaced = self._slot_uids.get(slot)
+        if replaced is not None and replaced != uid:
+            old = self._buffers.pop(replaced)
+            if replaced in self._pinned:
+                unpin_host_memory(old)
+                self._pinned.discard(replaced)
+            del old
+            self.keeper.release(replaced)
+        self._slot_uids[slot] = uid
+        if uid not in self._buffers:
+            self._buffers[uid] = torch.frombuffer(self.keeper.mapping(uid, fd, capacity), dtype=torch.uint8)
+        else:
+            os.close(fd)
+        if pin and uid not in self._pinned:
+            pin_host_memory(self._buffers[uid])
+            self._pinned.add(uid)
+        return self._buffers[uid]
 
     def _size_slots(self, nbytes: int) -> None:
         """Fix the slot size at the first snapshot (5% headroom, whole MiB), growing it if the state grows."""
@@ -375,6 +406,7 @@ class LazyCheckpointer:
             return
         started = time.perf_counter()
         pending.wait(_optimizer_tensors(optimizer))
+        self.stats.wait_s += time.perf_counter() - started
         self.stats.stall_s += time.perf_counter() - started
 
     # ---- coordination --------------------------------------------------------------------------------

@@ -104,4 +104,4 @@ def decode_stripe(codec: Codec, blocks: dict[int, Block], lengths: list[int], me
 
 def _pad(block: Block, width: int) -> Block:
     view = memoryview(block).cast("B")
-    return view if len(view) == width else bytes(view) + bytes(width - len(view))
+    return block if len(view) == width else bytes(view) + bytes(width - len(view))

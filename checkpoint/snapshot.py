@@ -2,17 +2,19 @@
 
 A snapshot is one contiguous run of bytes in a slot of host memory::
 
-    MAGIC (8) | header length (8, little endian) | header | padding | tensor data, each aligned to 64
+    MAGIC (8) | header length (8, little endian) | JSON header | padding | tensor data, each aligned to 64
 
-The header is a small ``torch.save`` of the state trees with every tensor replaced by a meta tensor
-of the same shape and dtype (a skeleton), plus a table of where each held tensor's bytes start. It
-is written at the step boundary; the tensor bytes are copied later, in the background (lazy.py).
+The header holds the state trees as a JSON skeleton (every tensor replaced by its index, dtype and
+shape; tuples, int dict keys, dtypes and the like tagged so that they read back as they were) and a
+table of where each held tensor's bytes start. JSON keeps the step boundary cheap (no pickling
+hook per object, unlike ``torch.save``) and reading safe (no unpickling at all). The header is
+written at the step boundary; the tensor bytes are copied later, in the background (lazy.py).
 Ranks of one node split the replicated tensors between them (``shard_of``), so a node holds one
 copy of the model and optimizer, as REFT's sharded snapshots do; every rank holds its own per-rank
 state. Anything that reads a snapshot back checks its digest first (see the keeper).
 """
 
-import io
+import json
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,12 +24,12 @@ import torch
 import xxhash
 
 from ..errors import UserError
-from .disk import check_loadable
 
-MAGIC = b"LTSNAP01"
+MAGIC = b"LTSNAP02"
 ALIGN = 64
 _PREFIX = struct.Struct("<8sQ")
 _MAX_HEADER = 1 << 30
+_SCALARS = (int, float, str, bool, type(None))
 
 Buffer = bytes | bytearray | memoryview
 
@@ -36,35 +38,70 @@ class SnapshotError(UserError):
     """A snapshot in host memory is damaged, partial, or does not fit the state being restored."""
 
 
-def flatten(tree: Any) -> tuple[Any, list[torch.Tensor]]:
-    """Split a nested state into a skeleton (tensors as meta tensors) and its tensors in traversal order."""
+def flatten(tree: Any, where: str = "state") -> tuple[Any, list[torch.Tensor]]:
+    """Split a nested state into a JSON-able skeleton and its tensors in traversal order.
+
+    Accepts what ``torch.load(weights_only=True)`` accepts in a checkpoint (exact types: tensors,
+    numbers, strings, None, dtypes, devices, and dicts, lists and tuples of them); anything else is
+    a TypeError naming where it sits.
+    """
     tensors: list[torch.Tensor] = []
 
-    def visit(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+    def visit(value: Any, path: str) -> Any:
+        kind = type(value)
+        if kind in _SCALARS:
+            return value
+        if isinstance(value, torch.Tensor) and kind in (torch.Tensor, torch.nn.Parameter):
             tensors.append(value)
-            return torch.empty(value.shape, dtype=value.dtype, device="meta")
-        if type(value) in (dict, OrderedDict):
-            return type(value)((key, visit(item)) for key, item in value.items())
-        if type(value) in (list, tuple):
-            return type(value)(visit(item) for item in value)
-        return value
+            return {"T": [len(tensors) - 1, str(value.dtype).removeprefix("torch."), list(value.shape)]}
+        if kind in (dict, OrderedDict):
+            pairs = []
+            for key, item in value.items():
+                if type(key) not in _SCALARS:
+                    raise TypeError(f"{path}: key {key!r} is a {type(key).__name__}; use str or int keys")
+                pairs.append([key, visit(item, f"{path}.{key}")])
+            return {"d" if kind is dict else "o": pairs}
+        if kind in (list, tuple, torch.Size):
+            items = [visit(item, f"{path}[{i}]") for i, item in enumerate(value)]
+            return items if kind is list else {"t" if kind is tuple else "S": items}
+        if kind is complex:
+            return {"c": [value.real, value.imag]}
+        if kind is torch.dtype:
+            return {"y": str(value).removeprefix("torch.")}
+        if kind is torch.device:
+            return {"v": str(value)}
+        raise TypeError(
+            f"{path} is a {kind.__name__}: checkpoints hold only tensors, numbers, strings, bools, None, dtypes, "
+            "devices and lists, tuples and dicts of them (exact types); convert it"
+        )
 
-    return visit(tree), tensors
+    return visit(tree, where), tensors
 
 
 def unflatten(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
-    """Inverse of ``flatten``: put ``tensors`` back where the skeleton has meta tensors, in order."""
-    remaining = iter(tensors)
+    """Inverse of ``flatten``: the state with ``tensors[i]`` where the skeleton has tensor i."""
 
     def visit(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return next(remaining)
-        if type(value) in (dict, OrderedDict):
-            return type(value)((key, visit(item)) for key, item in value.items())
-        if type(value) in (list, tuple):
-            return type(value)(visit(item) for item in value)
-        return value
+        if isinstance(value, list):
+            return [visit(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        (tag, body), = value.items()
+        if tag == "T":
+            return tensors[body[0]]
+        if tag in ("d", "o"):
+            return (dict if tag == "d" else OrderedDict)((key, visit(item)) for key, item in body)
+        if tag == "t":
+            return tuple(visit(item) for item in body)
+        if tag == "S":
+            return torch.Size(body)
+        if tag == "c":
+            return complex(*body)
+        if tag == "y":
+            return _dtype(body)
+        if tag == "v":
+            return torch.device(body)
+        raise ValueError(f"unknown skeleton tag {tag!r}")
 
     return visit(skeleton)
 
@@ -92,22 +129,20 @@ class SnapshotPlan:
     """Length of the whole snapshot in bytes."""
 
 
-def plan_snapshot(step: int, identity: dict, groups: dict[str, dict], held: dict[str, list[bool]]) -> SnapshotPlan:
-    """Lay out a snapshot of ``groups`` (group name -> {object name -> state dict}) at ``step``.
+def plan_snapshot(step: int, identity: dict, flat: dict[str, tuple[Any, list[torch.Tensor]]],
+                  held: dict[str, list[bool]]) -> SnapshotPlan:
+    """Lay out a snapshot of flattened groups (group name -> ``flatten`` of {object name -> state}).
 
     ``held[group][i]`` says whether this snapshot holds the bytes of the group's i-th tensor (the
-    others are held by other ranks of the node). ``identity`` (JSON-able) names the run and the rank
-    and is checked on restore. Tensors that are views of one another are stored once.
+    others are held by other ranks of the node). ``identity`` (JSON-able) names the rank and is
+    checked on restore. Tensors that are views of one another are stored once.
     """
-    skeletons, table, sources = {}, {}, []
+    table, sources = {}, []
     offset = 0
     seen: dict[tuple, int] = {}
-    for group, states in groups.items():
-        check_loadable(states, group)
-        skeleton, tensors = flatten(states)
+    for group, (_, tensors) in flat.items():
         if len(held[group]) != len(tensors):
             raise ValueError(f"{group}: {len(tensors)} tensors but {len(held[group])} ownership flags")
-        skeletons[group] = skeleton
         entries = []
         for index, tensor in enumerate(tensors):
             if not held[group][index]:
@@ -116,17 +151,17 @@ def plan_snapshot(step: int, identity: dict, groups: dict[str, dict], held: dict
                 raise TypeError(f"{group}: tensor {index} has layout {tensor.layout}; snapshots hold dense tensors")
             key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
             if tensor.nbytes and key in seen:
-                entries.append((index, seen[key], tensor.nbytes))
+                entries.append([index, seen[key], tensor.nbytes])
                 continue
             seen[key] = offset
-            entries.append((index, offset, tensor.nbytes))
+            entries.append([index, offset, tensor.nbytes])
             sources.append((tensor, offset))
             offset = _aligned(offset + tensor.nbytes)
         table[group] = entries
-    header = {"step": step, "identity": identity, "skeletons": skeletons, "table": table, "data_bytes": offset}
-    buffer = io.BytesIO()
-    torch.save(header, buffer)
-    header_bytes = buffer.getvalue()
+    header = {"step": step, "identity": identity, "skeletons": {group: skeleton for group, (skeleton, _) in flat.items()},
+              "counts": {group: len(tensors) for group, (_, tensors) in flat.items()}, "table": table,
+              "data_bytes": offset}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
     data_start = _aligned(_PREFIX.size + len(header_bytes))
     prefix = _PREFIX.pack(MAGIC, len(header_bytes)) + header_bytes
     copies = [(tensor, data_start + at) for tensor, at in sources]
@@ -142,13 +177,14 @@ def read_header(data: Buffer, where: str) -> tuple[dict, int]:
     if magic != MAGIC or length > min(_MAX_HEADER, len(view) - _PREFIX.size):
         raise SnapshotError(f"{where}: not a snapshot, or its header is damaged")
     try:
-        header = torch.load(io.BytesIO(view[_PREFIX.size : _PREFIX.size + length]), weights_only=True)
-        header["step"], header["table"], header["skeletons"], header["identity"], header["data_bytes"]
-    except Exception as error:  # noqa: BLE001 - any failure to parse means damage
+        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + length]))
+        header["step"], header["table"], header["skeletons"], header["identity"], header["counts"]
+        data_bytes = int(header["data_bytes"])
+    except (ValueError, KeyError, TypeError) as error:
         raise SnapshotError(f"{where}: header cannot be read ({error})") from error
     data_start = _aligned(_PREFIX.size + length)
-    if data_start + header["data_bytes"] > len(view):
-        raise SnapshotError(f"{where}: truncated, {len(view)} bytes for {data_start + header['data_bytes']}")
+    if data_start + data_bytes > len(view):
+        raise SnapshotError(f"{where}: truncated, {len(view)} bytes for {data_start + data_bytes}")
     return header, data_start
 
 
@@ -163,39 +199,78 @@ def assemble(snapshots: list[tuple[Buffer, str]], rank: int, clone: bool = True)
     steps = {header["step"] for _, _, header, _ in parsed}
     if len(steps) != 1:
         raise SnapshotError(f"snapshots of different steps {sorted(steps)} cannot be combined")
-    replicated = _gather_group(parsed, "replicated", clone)
-    own = [entry for entry in parsed if entry[2]["identity"]["rank"] == rank]
-    if len(own) != 1:
-        raise SnapshotError(f"no snapshot of rank {rank} among {[where for _, where in snapshots]}")
-    per_rank = _gather_group(own, "per_rank", clone)
+    try:
+        replicated = _gather_group(parsed, "replicated", clone)
+        own = [entry for entry in parsed if entry[2]["identity"]["rank"] == rank]
+        if len(own) != 1:
+            raise SnapshotError(f"no snapshot of rank {rank} among {[where for _, where in snapshots]}")
+        per_rank = _gather_group(own, "per_rank", clone)
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        names = ", ".join(where for _, where in snapshots)
+        raise SnapshotError(f"{names}: the snapshot's header does not describe its contents ({error})") from error
     return steps.pop(), replicated, per_rank
 
 
-def digest(data: memoryview | bytes) -> str:
+def digest(data: Buffer) -> str:
     """Checksum of snapshot bytes: XXH3-128 (about 9 GB/s here, against 0.8 GB/s for SHA-256)."""
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def _gather_group(parsed: list, group: str, clone: bool) -> dict:
+def _gather_group(parsed: list, group: str, clone: bool) -> Any:
     skeleton = parsed[0][2]["skeletons"][group]
-    _, metas = flatten(skeleton)
+    metas = _tensor_metas(skeleton, parsed[0][2]["counts"][group])
     found: list[torch.Tensor | None] = [None] * len(metas)
     for data, where, header, data_start in parsed:
-        if header["skeletons"][group].keys() != skeleton.keys():
-            raise SnapshotError(f"{where}: its {group} state differs from the other ranks' snapshots")
+        if header["skeletons"][group] != skeleton and group == "replicated":
+            raise SnapshotError(f"{where}: its replicated state differs from the other local ranks' snapshots")
         for index, offset, nbytes in header["table"][group]:
-            meta = metas[index]
-            if nbytes != meta.nbytes or data_start + offset + nbytes > len(memoryview(data).cast("B")):
+            if not 0 <= index < len(metas):
+                raise SnapshotError(f"{where}: entry {index} of {group} is not in its skeleton")
+            dtype, shape = metas[index]
+            count = shape.numel()
+            if nbytes != count * dtype.itemsize or data_start + offset + nbytes > len(memoryview(data).cast("B")):
                 raise SnapshotError(f"{where}: entry {index} of {group} does not fit the snapshot")
             if nbytes == 0:
-                found[index] = torch.empty(meta.shape, dtype=meta.dtype)
+                found[index] = torch.empty(shape, dtype=dtype)
                 continue
-            tensor = torch.frombuffer(data, dtype=meta.dtype, count=meta.numel(), offset=data_start + offset)
-            found[index] = tensor.view(meta.shape).clone() if clone else tensor.view(meta.shape)
+            tensor = torch.frombuffer(data, dtype=dtype, count=count, offset=data_start + offset).view(shape)
+            found[index] = tensor.clone() if clone else tensor
     missing = [index for index, tensor in enumerate(found) if tensor is None]
     if missing:
         raise SnapshotError(f"{group} tensors {missing[:5]} are held by no snapshot (a local rank's is missing)")
     return unflatten(skeleton, found)
+
+
+def _tensor_metas(skeleton: Any, count: int) -> list[tuple[torch.dtype, torch.Size]]:
+    """(dtype, shape) of every tensor in a skeleton, by index."""
+    metas: list = [None] * count
+
+    def visit(value: Any) -> None:
+        if isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            (tag, body), = value.items()
+            if tag == "T":
+                index, dtype, shape = body
+                metas[index] = (_dtype(dtype), torch.Size(shape))
+            elif tag in ("d", "o"):
+                for _, item in body:
+                    visit(item)
+            elif tag == "t":
+                visit(body)
+
+    visit(skeleton)
+    if any(meta is None for meta in metas):
+        raise SnapshotError("a snapshot's skeleton lacks some of its tensors")
+    return metas
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
 
 
 def _aligned(offset: int) -> int:

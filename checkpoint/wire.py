@@ -6,6 +6,7 @@ first bytes on Unix sockets (SCM_RIGHTS).
 """
 
 import json
+import os
 import socket
 import struct
 from typing import Any
@@ -59,7 +60,7 @@ def request(sock: socket.socket, header: dict[str, Any], payload: Block = b"") -
     reply, data, fds = receive(sock)
     if reply.get("error"):
         for fd in fds:
-            _close(fd)
+            os.close(fd)
         raise RuntimeError(reply["error"])
     return reply, data, fds
 
@@ -81,8 +82,3 @@ def _receive_exactly(sock: socket.socket, length: int) -> bytearray:
         received += count
     return buffer
 
-
-def _close(fd: int) -> None:
-    import os
-
-    os.close(fd)

@@ -28,6 +28,7 @@ from . import projector
 from .projector import PROJ_TYPES, SVD_METHODS
 
 SWITCH_POLICIES = ("keep", "reset", "rotate")
+SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # galore-torch's projector defaults, for projected groups that name only ``rank``.
 PROJECTION_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
 
@@ -52,24 +53,44 @@ def check_stagger(stagger: Any, key: str = "stagger") -> bool | int:
     raise UserError(f"{key} must be true, false or a number of waves >= 0, got {stagger!r}")
 
 
+# Elements per slice of a dense update: bounds its sqrt(v) + eps temporary (16 MiB in fp32) instead
+# of allocating one as large as the parameter, which would be a step's largest transient when
+# parameters are stepped one at a time inside backward.
+_DENSE_SLICE = 1 << 22
+
+
+def _add_adam_update_(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float,
+                      alpha: float) -> None:
+    """p += alpha * exp_avg / (sqrt(exp_avg_sq) + eps), slice by slice along the first dimension."""
+    if p.ndim == 0 or p.numel() <= _DENSE_SLICE:
+        p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=alpha)
+        return
+    rows = max(1, _DENSE_SLICE // (p.numel() // p.shape[0]))
+    for start in range(0, p.shape[0], rows):
+        end = start + rows
+        p[start:end].addcdiv_(exp_avg[start:end], exp_avg_sq[start:end].sqrt().add_(eps), value=alpha)
+
+
 class GaLoreAdamW(Optimizer):
     """AdamW whose ``rank`` groups keep their moments in a low-rank gradient subspace.
 
     Projected groups take ``rank`` and, optionally, ``update_proj_gap`` (200), ``scale`` (1.0),
     ``proj_type`` (std | reverse_std | left | right | full) and ``refresh_offset`` (the matrix's
     refresh phase, overriding ``stagger``). Options beyond galore-torch, all per group except
-    ``stagger``: ``svd`` (exact | randomized, with ``oversample`` extra columns and ``power_iters``
-    Gram applications), ``switch`` (what the moments do when the subspace changes: keep | reset,
-    which zeroes them and restarts bias correction | rotate, which maps them into the new basis),
-    ``stagger`` (see ``stagger_offsets``), ``guard`` (keep the old basis when the gradient is not
-    finite or the SVD fails) and ``decay_before_update`` (torch's decoupled-decay order).
+    ``stagger``: ``svd`` (exact | randomized, with ``oversample`` extra columns, ``power_iters``
+    Gram applications and the ``sketch_dtype`` of its large products: auto picks bfloat16 where
+    the hardware runs it natively), ``switch`` (what the moments do when the subspace changes:
+    keep | reset, which zeroes them and restarts bias correction | rotate, which maps them into the
+    new basis), ``stagger`` (see ``stagger_offsets``), ``guard`` (keep the old basis when the
+    gradient is not finite or the SVD fails), ``decay_before_update`` (torch's decoupled-decay
+    order) and ``foreach`` (None: batched kernels on CUDA only, as torch.optim decides).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, *, svd: str = "exact", oversample: int = 8, power_iters: int = 1,
-                 switch: str = "keep", stagger: bool | int = False, guard: bool = True,
-                 decay_before_update: bool = False):
+                 sketch_dtype: str = "auto", switch: str = "keep", stagger: bool | int = False, guard: bool = True,
+                 decay_before_update: bool = False, foreach: bool | None = None):
         if lr < 0.0:
             raise UserError(f"Invalid learning rate: {lr} (must be >= 0)")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -82,8 +103,8 @@ class GaLoreAdamW(Optimizer):
         self.refresh_failures = 0
         self._plan: dict[torch.Tensor, tuple[int, int]] | None = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
-                        svd=svd, oversample=oversample, power_iters=power_iters, switch=switch, guard=guard,
-                        decay_before_update=decay_before_update)
+                        svd=svd, oversample=oversample, power_iters=power_iters, sketch_dtype=sketch_dtype,
+                        switch=switch, guard=guard, decay_before_update=decay_before_update, foreach=foreach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -104,6 +125,10 @@ class GaLoreAdamW(Optimizer):
             raise UserError(f"{where}: oversample must be an int >= 0, got {group['oversample']!r}")
         if not (isinstance(group["power_iters"], int) and group["power_iters"] >= 1):
             raise UserError(f"{where}: power_iters must be an int >= 1, got {group['power_iters']!r}")
+        if group["sketch_dtype"] not in ("auto", *SKETCH_DTYPES):
+            raise UserError(f"{where}: sketch_dtype={group['sketch_dtype']!r}; choose auto, float32 or bfloat16")
+        if group["foreach"] not in (None, True, False):
+            raise UserError(f"{where}: foreach must be true, false or None (automatic), got {group['foreach']!r}")
         if "rank" not in group:
             return
         for key in ("rank", "update_proj_gap"):
@@ -245,7 +270,10 @@ class GaLoreAdamW(Optimizer):
         generator = torch.Generator(device=grad.device)
         # Seeded by matrix and step, so a resumed run draws the same test matrices.
         generator.manual_seed((ordinal + 1) * 1_000_003 + step)
-        left, right = projector.randomized_basis(grad, k, side, group["oversample"], group["power_iters"], generator)
+        sketch_dtype = (projector.default_sketch_dtype(grad.device) if group["sketch_dtype"] == "auto"
+                        else SKETCH_DTYPES[group["sketch_dtype"]])
+        left, right = projector.randomized_basis(grad, k, side, group["oversample"], group["power_iters"], generator,
+                                                 sketch_dtype)
         if "proj_left" in state and left is not None:
             left = projector.align_signs(left, state["proj_left"].to(left.dtype), vectors_dim=1)
         if "proj_right" in state and right is not None:
@@ -271,17 +299,28 @@ class GaLoreAdamW(Optimizer):
             state["moment_step"] += 1
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        # Same operations, in the same order, as galore-torch, batched over the group's tensors.
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, lows, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denoms, group["eps"])
-        normalized = torch._foreach_div(exp_avgs, denoms)
-        del denoms
         projected = "rank" in group
-        for p, update, state in zip(params, normalized, states):
+        # The same operations, in the same order, as galore-torch. torch's foreach kernels batch them
+        # on CUDA; on the CPU they fall back to a loop about twice as slow as this one.
+        foreach = group["foreach"] if group["foreach"] is not None else all(p.is_cuda for p in params)
+        if foreach:
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, lows, alpha=1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1.0 - beta2)
+        else:
+            for exp_avg, exp_avg_sq, low in zip(exp_avgs, exp_avg_sqs, lows):
+                exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        if projected:  # the low-rank m / (sqrt(v) + eps), to map back
+            if foreach:
+                denoms = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_add_(denoms, group["eps"])
+                updates = torch._foreach_div(exp_avgs, denoms)
+                del denoms
+            else:
+                updates = [m / v.sqrt().add_(group["eps"]) for m, v in zip(exp_avgs, exp_avg_sqs)]
+        for i, (p, state) in enumerate(zip(params, states)):
             step_size = lr
             if group["correct_bias"]:
                 t = state["moment_step"].item()
@@ -290,10 +329,10 @@ class GaLoreAdamW(Optimizer):
                 p.mul_(1.0 - lr * wd)
             if projected:
                 side = projector.projection_side(group["proj_type"], p.shape)
-                projector.add_projected_back_(p, update, side, state.get("proj_left"), state.get("proj_right"),
+                projector.add_projected_back_(p, updates[i], side, state.get("proj_left"), state.get("proj_right"),
                                               alpha=-step_size * group["scale"])
             else:
-                p.add_(update, alpha=-step_size)
+                _add_adam_update_(p, exp_avgs[i], exp_avg_sqs[i], group["eps"], -step_size)
             if wd > 0.0 and not group["decay_before_update"]:
                 p.add_(p, alpha=-lr * wd)
 

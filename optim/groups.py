@@ -53,15 +53,16 @@ def low_rank_groups(model: nn.Module, target_modules: Iterable[str], weight_deca
         except re.error as exc:
             raise UserError(f"optim.target_modules: {pattern!r} is not a regular expression ({exc})") from None
     projected: list[nn.Parameter] = []
+    projected_ids: set[int] = set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if (isinstance(module, nn.Linear) and weight is not None and weight.requires_grad and weight.ndim == 2
-                and any(p.search(name) for p in patterns) and all(weight is not q for q in projected)):
+                and id(weight) not in projected_ids and any(p.search(name) for p in patterns)):
             projected.append(weight)
+            projected_ids.add(id(weight))
     if not projected:
         raise UserError(f"optim.target_modules={target_modules} matched no nn.Linear module of the model; "
                         f"give regexes that match names such as 'layers.0.attention.wq'")
-    projected_ids = {id(p) for p in projected}
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in projected_ids]
     group = {"params": projected, "weight_decay": weight_decay, **projection}
     return [group, *decay_groups(rest, weight_decay)]

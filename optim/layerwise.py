@@ -113,10 +113,13 @@ class LayerwiseOptimizer(Optimizer):
         future = allreduce_hook(process_group, bucket)
         future.wait()
         for p, grad in zip(bucket.parameters(), bucket.gradients()):
-            if p in self.inner:
-                # The reducer copies the bucket into p.grad only at the end of backward.
-                p.grad = grad
-                self._step_param(p)
+            if p not in self.inner:
+                continue
+            if p.grad is None and not bool(grad.any()):
+                continue  # unused on every rank (find_unused_parameters): DDP leaves no gradient to step on
+            # The reducer copies the bucket into p.grad only at the end of backward.
+            p.grad = grad
+            self._step_param(p)
         return future
 
     def _step_param(self, p: torch.Tensor) -> None:
@@ -126,11 +129,12 @@ class LayerwiseOptimizer(Optimizer):
         if not self._pre_hooks_ran:
             self._run_pre_hooks()
         grad = p.grad
-        sq = grad.detach().float().square().sum()
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)  # a reduction: no gradient-sized temporary
+        sq = norm.square()
         self._grad_sq_sum = sq if self._grad_sq_sum is None else self._grad_sq_sum + sq.to(self._grad_sq_sum.device)
         if self.clip_norm > 0.0:
             # The same coefficient as torch.nn.utils.clip_grad_norm_, on this parameter's norm alone.
-            grad.mul_((self.clip_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0).to(grad.dtype))
+            grad.mul_((self.clip_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
         inner = self.inner[p]
         inner.param_groups[0].update((k, v) for k, v in self._group_of[p].items() if k != "params")
         inner.step()

@@ -52,14 +52,18 @@ def exact_basis(matrix: torch.Tensor, k: int, side: str) -> tuple[torch.Tensor |
 
 
 def randomized_basis(matrix: torch.Tensor, k: int, side: str, oversample: int, power_iters: int,
-                     generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                     generator: torch.Generator, sketch_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(P, Q) from a randomized range finder with Rayleigh-Ritz extraction (Halko et al. 2011).
 
     Subspace iteration on the Gram operator of the side being kept (A^T A for Q, A A^T for P), from
     a Gaussian start of k + oversample columns, with a QR on the kept (usually smaller) side after
     each of ``power_iters`` applications; the k leading Ritz vectors of the final subspace form the
     basis. Every large product is a matmul, so this costs O(m n (k + oversample) power_iters)
-    against the O(m n min(m, n)) of a full SVD.
+    against the O(m n min(m, n)) of a full SVD. The large products may run in a lower
+    ``sketch_dtype`` (None: the matrix's): they only choose the subspace, while the QRs and the
+    small eigenproblem run in float32 (or float64), so the basis is orthonormal to that precision
+    whatever the sketch's.
     """
     a = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
     m, n = a.shape
@@ -67,10 +71,12 @@ def randomized_basis(matrix: torch.Tensor, k: int, side: str, oversample: int, p
     # For 'full' iterate on the smaller side, then read both bases off an SVD of the thin product.
     iterate_right = side == "right" or (side == "full" and n <= m)
     op = a if iterate_right else a.T
+    sketch_dtype = sketch_dtype or a.dtype
+    sketch_op = op.to(sketch_dtype)
     x = torch.randn(op.shape[1], width, generator=generator, device=a.device, dtype=a.dtype)
     for _ in range(power_iters):
-        x = torch.linalg.qr(op.T @ (op @ x)).Q
-    c = op @ x
+        x = torch.linalg.qr((sketch_op.T @ (sketch_op @ x.to(sketch_dtype))).to(a.dtype)).Q
+    c = (sketch_op @ x.to(sketch_dtype)).to(a.dtype)
     if side == "full":
         u_c, _, wh = torch.linalg.svd(c, full_matrices=False)
         outer, inner = u_c[:, :k], x @ wh[:k].T
@@ -78,6 +84,16 @@ def randomized_basis(matrix: torch.Tensor, k: int, side: str, oversample: int, p
     _, w = torch.linalg.eigh(c.T @ c)
     ritz = x @ w[:, -k:].flip(-1)  # eigh sorts ascending; the basis is ordered by singular value
     return (None, ritz.T) if iterate_right else (ritz, None)
+
+
+def default_sketch_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where matmuls run natively in it (CUDA, CPUs with AVX512-BF16 or AMX), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else torch.float32
+    return torch.float32
 
 
 def align_signs(new: torch.Tensor, old: torch.Tensor, vectors_dim: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ from leantrain.checkpoint.multilevel import NodeLayout
 from leantrain.errors import UserError
 
 FINGERPRINT = {"model": {"dim": 8}, "seed": 0}
+_GLOBAL_RNG = threading.Lock()
 
 
 class Counter:
@@ -54,10 +55,11 @@ class Rank:
     """One data-parallel rank of a toy run: replicated model and AdamW, its own generator and counter."""
 
     def __init__(self, rank: int, seed: int = 0, extra: int = 0) -> None:
-        torch.manual_seed(seed)
-        self.model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Linear(16, 4))
-        if extra:
-            self.model.register_parameter("big", torch.nn.Parameter(torch.randn(extra)))
+        with _GLOBAL_RNG:  # ranks are threads here: module initialisation draws from the global generator
+            torch.manual_seed(seed)
+            self.model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Linear(16, 4))
+            if extra:
+                self.model.register_parameter("big", torch.nn.Parameter(torch.randn(extra)))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / 3))
         self.shared = Generator(1234)  # the same batches on every rank keep the replicas identical
@@ -127,11 +129,18 @@ def kill_keeper(run_dir: Path, node: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """True while any thread of ``pid`` still runs (a zombie leader may wait for its threads to exit)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except FileNotFoundError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    for task in tasks:
+        try:
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 @pytest.fixture(autouse=True)
@@ -171,9 +180,9 @@ def run_ranks(layouts: list[NodeLayout], work) -> list:
         thread.start()
     for thread in threads:
         thread.join()
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:  # the first cause, not the broken barriers it left behind
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     return results
 
 
@@ -229,15 +238,21 @@ def test_damaged_memory_snapshot_is_skipped_with_a_warning(tmp_path):
     for step in range(1, 6):
         run.step(checkpointer)
         checkpointer.after_step(step, run.replicated(), run.per_rank())
-    keeper = checkpointer._lazy.keeper
-    crash(checkpointer)
-    # Flip one bit in the tensor bytes of every slot (what a faulty DIMM or a stray write would do).
-    for memory in keeper._mappings.values():
+    checkpointer._lazy._pending.wait_complete()
+    settle_keeper(tmp_path)
+    # Flip one bit in every slot (what a faulty DIMM or a stray write would do).
+    for memory in checkpointer._lazy.keeper._mappings.values():
         memory[1000] ^= 0x04
+    crash(checkpointer)
     resumed = Rank(0, seed=3)
     checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
-    with pytest.warns(UserWarning, match=r"memory snapshot of step 5 of local rank 0 .*checksum"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 4
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2, messages
+    for step, message in zip((4, 5), messages):
+        assert f"memory snapshot of step {step} of local rank 0 (slot" in message and "checksum" in message
     assert checkpointer.restore_source == "disk"
     assert_equal(resumed.flat(), reference(4))
     checkpointer.close(shutdown_keeper=True)
@@ -286,17 +301,16 @@ def test_damaged_shards_are_skipped_at_levels_2_and_3(tmp_path):
 
 
 def test_keeper_killed_in_the_middle_of_a_disk_write_leaves_the_previous_checkpoint(tmp_path):
-    size = 24 << 20  # 96 MB of parameters: the write takes long enough to be caught in the middle
+    size = 4 << 20  # 48 MB with its AdamW state: the write lasts long enough to be caught in the middle
     run = Rank(0, extra=size)
     checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
     checkpointer.restore(run.replicated(), run.per_rank())
     for step in range(1, 5):
         run.step(checkpointer)
         checkpointer.after_step(step, run.replicated(), run.per_rank())
-    checkpointer._lazy.flush()  # step 4 is complete everywhere: its disk save starts
     directory = tmp_path / "checkpoints"
-    while not (directory / "step_2").exists():
-        time.sleep(0.001)
+    settle_keeper(tmp_path)  # step 2 is on disk
+    checkpointer._lazy._settle_pending()  # step 4 is complete everywhere: its disk save starts now
     deadline = time.monotonic() + 30
     while not any(p.name.startswith(".tmp-step_4") for p in directory.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.001)
@@ -339,11 +353,19 @@ def test_local_ranks_share_the_replicated_state_and_restore_their_own(tmp_path):
         assert_equal(flat, reference(3, rank))
 
 
+def settle_keeper(run_dir: Path) -> None:
+    """Until node 0's keeper has saved the disk checkpoints it was given and checksummed every snapshot."""
+    client, _ = KeeperClient.attach(run_dir, 0, 99, False, "127.0.0.1", 20.0, 20.0)
+    client.call("flush")
+    client.call("inventory")
+    client.close()
+
+
 def wait_protected(run_dir: Path, nodes: int, step: int) -> None:
     """Until every keeper reports ``step`` protected by parity."""
     deadline = time.monotonic() + 30
     for node in range(nodes):
-        client = KeeperClient.attach(run_dir, node, 99, False, "127.0.0.1", 20.0, 20.0)
+        client, _ = KeeperClient.attach(run_dir, node, 99, False, "127.0.0.1", 20.0, 20.0)
         try:
             while client.call("inventory")[0]["protected"] != step:
                 assert time.monotonic() < deadline, f"node {node} never protected step {step}"
@@ -364,7 +386,7 @@ def test_lost_nodes_are_rebuilt_from_the_parity_of_their_group(tmp_path, k, m, l
         for step in range(1, 6):
             run.step(checkpointer)
             checkpointer.after_step(step, run.replicated(), run.per_rank())
-        checkpointer._lazy._settle_pending()  # every rank has step 5: it becomes the candidate for parity
+        checkpointer._lazy.flush()  # every rank has step 5 (the candidate for parity); step 4 is on disk
         return checkpointer
 
     trainers = [result for result, _ in run_ranks(layouts(nnodes, 1), train)]
@@ -408,4 +430,33 @@ def test_bad_lazy_settings_name_their_key(tmp_path):
     big = Rank(0, extra=1 << 18)
     with pytest.raises(UserError, match="checkpoint.host_buffer_mb=1"):
         checkpointer.after_step(1, big.replicated(), big.per_rank())
+    checkpointer.close(shutdown_keeper=True)
+
+
+class Growing:
+    """A state that grows between snapshots (as LISA's or FRUGAL's optimizer state can)."""
+
+    def __init__(self) -> None:
+        self.values = torch.zeros(0)
+
+    def state_dict(self) -> dict:
+        return {"values": self.values}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = state["values"].clone()
+
+
+def test_slots_grow_with_the_state(tmp_path):
+    run, growing = Rank(0), Growing()
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    checkpointer.restore(run.replicated(), {"growing": growing})
+    for step in range(1, 5):
+        growing.values = torch.arange(float(step * (600_000 if step > 2 else 10)))  # 2.4 MB then 9.6 MB
+        run.step(checkpointer)
+        checkpointer.after_step(step, run.replicated(), {"growing": growing})
+    crash(checkpointer)
+    restored = Growing()
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    assert checkpointer.restore(Rank(0, seed=9).replicated(), {"growing": restored}) == 4
+    assert torch.equal(restored.values, torch.arange(float(4 * 600_000)))
     checkpointer.close(shutdown_keeper=True)

@@ -1,5 +1,6 @@
 """The byte layout of in-memory snapshots: exact round trips, sharding across local ranks, damage."""
 
+import json
 import random
 from collections import OrderedDict
 
@@ -35,12 +36,11 @@ def states(seed: int) -> tuple[dict, dict]:
 
 def write(step: int, groups: dict, rank: int, local_rank: int, local_world_size: int) -> bytearray:
     """Lay out and copy a snapshot as a rank would (all copies done at once here)."""
-    _, shared = flatten(groups["replicated"])
-    owners = shard_of(shared, local_world_size)
-    held = {"replicated": [owner == local_rank for owner in owners],
-            "per_rank": [True] * len(flatten(groups["per_rank"])[1])}
+    flat = {group: flatten(states, group) for group, states in groups.items()}
+    owners = shard_of(flat["replicated"][1], local_world_size)
+    held = {"replicated": [owner == local_rank for owner in owners], "per_rank": [True] * len(flat["per_rank"][1])}
     identity = {"rank": rank, "world_size": local_world_size, "node": 0, "local_rank": local_rank}
-    plan = plan_snapshot(step, identity, groups, held)
+    plan = plan_snapshot(step, identity, flat, held)
     buffer = bytearray(plan.nbytes + 100)  # slots are larger than the snapshots they hold
     view = torch.frombuffer(buffer, dtype=torch.uint8)
     view[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
@@ -66,11 +66,14 @@ def assert_same(got, want) -> None:
 
 
 def test_flatten_unflatten_round_trip_keeps_types_and_order():
-    tree = OrderedDict(b=[1, (torch.ones(2), "x")], a={"t": torch.arange(3), "n": None})
+    tree = OrderedDict(b=[1, (torch.ones(2), "x")], a={"t": torch.arange(3), "n": None, 7: float("inf")},
+                       c={"dtype": torch.bfloat16, "device": torch.device("cpu"), "size": torch.Size([2, 3]),
+                          "z": 1 + 2j, "nested": [[], (), {}], "f": 0.1 + 0.2, "big": 2**70, "neg0": -0.0})
     skeleton, tensors = flatten(tree)
     assert [t.tolist() for t in tensors] == [[1.0, 1.0], [0, 1, 2]]
-    assert skeleton["b"][1][0].device.type == "meta"
-    assert_same(unflatten(skeleton, tensors), tree)
+    through_json = json.loads(json.dumps(skeleton))
+    assert_same(unflatten(through_json, tensors), tree)
+    assert str(unflatten(through_json, tensors)["c"]["neg0"]) == "-0.0"
 
 
 @pytest.mark.parametrize("local_world_size", [1, 2, 3])
@@ -129,8 +132,10 @@ def test_unsafe_values_are_refused_at_snapshot_time():
     class Custom:
         pass
 
-    with pytest.raises(TypeError, match="Custom"):
-        plan_snapshot(1, {}, {"per_rank": {"x": Custom()}}, {"per_rank": []})
+    with pytest.raises(TypeError, match=r"per_rank.x\[1\] is a Custom"):
+        flatten({"x": [1, Custom()]}, "per_rank")
+    with pytest.raises(TypeError, match="key"):
+        flatten({(1, 2): 3})
 
 
 def test_shard_of_balances_bytes_deterministically():

@@ -32,7 +32,8 @@ def reference_galore(w0, a, b, steps, *, rank, proj_type, switch, decay_first, o
     w = w0.clone()
     m, n = w.shape
     k = min(rank, m, n)
-    side = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}.get(proj_type, proj_type)
+    sides = {"std": "right" if m >= n else "left", "reverse_std": "left" if m >= n else "right"}
+    side = sides.get(proj_type, proj_type)
     eye_m, eye_n = torch.eye(m, dtype=w.dtype), torch.eye(n, dtype=w.dtype)
     p_mat = q_mat = None
     mom = var = None
@@ -88,7 +89,7 @@ def test_every_option_matches_float64_reference(shape, proj_type):
                 expected = reference_galore(w0, a, b, 23, rank=rank, proj_type=proj_type, switch=switch,
                                             decay_first=decay_first)
                 got, _ = run_ours(w0, a, b, 23, rank=rank, proj_type=proj_type, switch=switch,
-                                  decay_before_update=decay_first)
+                                  decay_before_update=decay_first, foreach=decay_first)  # both Adam paths
                 torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9,
                                            msg=f"rank {rank} switch {switch} decay_first {decay_first}")
 
@@ -172,14 +173,20 @@ def test_randomized_basis_recovers_a_low_rank_subspace():
             torch.testing.assert_close(proj_r, proj_e, rtol=1e-8, atol=1e-8)
 
 
-def test_randomized_basis_captures_nearly_the_exact_energy():
+@pytest.mark.parametrize("sketch_dtype", [torch.float32, torch.bfloat16])
+def test_randomized_basis_captures_nearly_the_exact_energy(sketch_dtype):
     gen = torch.Generator().manual_seed(2)
     u = torch.linalg.qr(torch.randn(200, 120, generator=gen)).Q
     v = torch.linalg.qr(torch.randn(120, 120, generator=gen)).Q
     g = (u * 0.95 ** torch.arange(120.0)) @ v.T  # a decaying spectrum, as gradients have
-    for side in ("left", "right"):
+    for side in ("left", "right", "full"):
         exact = projector.project(g, side, *projector.exact_basis(g, 16, side)).norm()
-        approx = projector.project(g, side, *projector.randomized_basis(g, 16, side, 8, 1, gen)).norm()
+        basis = projector.randomized_basis(g, 16, side, 8, 1, gen, sketch_dtype)
+        for b in basis:  # orthonormal to float32 precision, whatever the sketch's precision
+            if b is not None:
+                gram = b.T @ b if b.shape[0] > b.shape[1] else b @ b.T
+                torch.testing.assert_close(gram, torch.eye(16), atol=1e-5, rtol=0)
+        approx = projector.project(g, side, *basis).norm()
         assert approx <= exact * (1 + 1e-5)
         assert approx >= 0.97 * exact
 
@@ -240,7 +247,8 @@ def test_rejects_tensors_that_are_not_matrices():
 
 
 @pytest.mark.parametrize("bad", [dict(proj_type="diagonal"), dict(rank=0), dict(update_proj_gap=1.5),
-                                 dict(svd="lanczos"), dict(switch="swap"), dict(refresh_offset=-1)])
+                                 dict(svd="lanczos"), dict(switch="swap"), dict(refresh_offset=-1),
+                                 dict(sketch_dtype="float16"), dict(foreach="yes"), dict(power_iters=0)])
 def test_rejects_bad_group_options(bad):
     with pytest.raises(UserError, match=next(iter(bad))):
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": 2, **bad}])
@@ -311,3 +319,21 @@ def test_counters_stay_exact_with_low_precision_parameters():
     assert other.state[w]["moment_step"].dtype == torch.float32
     assert other.state[w]["moment_step"].item() == 1001.0 and other.state[w]["step"].item() == 1001.0
     assert other.state[w]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_sliced_dense_update_equals_the_whole_tensor_update(monkeypatch):
+    from leantrain.optim import galore
+
+    results = []
+    for slice_elements in (1 << 22, 7):
+        monkeypatch.setattr(galore, "_DENSE_SLICE", slice_elements)
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((10, 3), (2, 9, 2), (30,), ())]
+        opt = GaLoreAdamW(params, lr=0.1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    for whole, sliced in zip(*results):
+        assert torch.equal(whole, sliced)
