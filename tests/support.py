@@ -1,6 +1,7 @@
 """Helpers shared by tests: free ports and running leantrain as a user would."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,4 +23,13 @@ def run_leantrain(args: list[str], cwd: Path | None = None, timeout: float = 300
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "leantrain.train", *args]
     else:
         cmd = [sys.executable, "-m", "leantrain", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # A session of its own, so that a run that times out is killed with every worker it started.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
