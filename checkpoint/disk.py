@@ -109,7 +109,8 @@ def write_payload(staging: Path, name: str, payload: dict) -> None:
         file.flush()
         os.fsync(file.fileno())
     record = {"size": writer.size, "sha256": writer.sha256.hexdigest()}
-    _write_synced(staging / f"{name}{_RECORD_SUFFIX}", json.dumps(record))
+    # Atomic: with several nodes writing into one staging directory, the committer polls for records.
+    write_text_atomic(staging / f"{name}{_RECORD_SUFFIX}", json.dumps(record))
 
 
 def copy_payload(checkpoint: Path, name: str, staging: Path) -> None:
@@ -131,7 +132,7 @@ def copy_payload(checkpoint: Path, name: str, staging: Path) -> None:
         os.fsync(file.fileno())
     if writer.size != record["size"] or writer.sha256.hexdigest() != record["sha256"]:
         raise CheckpointError(f"{source} is truncated or corrupt: its size or SHA-256 differs from {META_FILE}")
-    _write_synced(Path(staging) / f"{name}{_RECORD_SUFFIX}", json.dumps(record))
+    write_text_atomic(Path(staging) / f"{name}{_RECORD_SUFFIX}", json.dumps(record))
 
 
 def commit_staging(

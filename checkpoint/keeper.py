@@ -41,15 +41,15 @@ KEEPER_DIR = "keepers"
 log = logging.getLogger("leantrain.keeper")
 
 
-def socket_name(run_dir: Path, node: int) -> str:
-    """The abstract Unix socket of a node's keeper: one per (run directory, node)."""
-    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:24]
-    return f"\0leantrain-keeper-{key}-{node}"
+def socket_name(run_dir: Path, name: str) -> str:
+    """The abstract Unix socket of a node's keeper: one per (run directory, node name)."""
+    key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{name}".encode()).hexdigest()[:32]
+    return f"\0leantrain-keeper-{key}"
 
 
-def record_path(run_dir: Path, node: int) -> Path:
+def record_path(run_dir: Path, name: str) -> Path:
     """Where a keeper writes its pid and endpoints while it runs."""
-    return Path(run_dir) / KEEPER_DIR / f"node_{node}.json"
+    return Path(run_dir) / KEEPER_DIR / f"{name}.json"
 
 
 @dataclass
@@ -66,16 +66,27 @@ class Slot:
     writing: bool = False
     hashing: bool = False
 
+    def checksum(self, nbytes: int | None = None) -> str:
+        """Digest of the first ``nbytes`` (default: the snapshot's), read in place."""
+        with memoryview(self.memory) as view:
+            return digest(view[: self.nbytes if nbytes is None else nbytes])
+
     def close(self) -> None:
-        self.memory.close()
+        try:
+            self.memory.close()
+        except BufferError:  # something still reads the old bytes; the mapping goes when it is done
+            pass
         os.close(self.fd)
 
 
 class Keeper:
     """The state and threads of one node's keeper; ``serve`` runs it."""
 
-    def __init__(self, run_dir: Path, node: int, host: str, idle_s: float, timeout_s: float) -> None:
-        self.run_dir, self.node, self.host = Path(run_dir), node, host
+    def __init__(self, run_dir: Path, name: str, host: str, idle_s: float, timeout_s: float) -> None:
+        self.run_dir, self.name, self.host = Path(run_dir), name, host
+        self.index: int | None = None
+        """This node's place among the run's nodes (for erasure coding and disk roles), fixed at the
+        first restore it takes part in and kept across restarts, whatever rank torchrun gives it."""
         self.idle_s, self.timeout_s = idle_s, timeout_s
         self.lock = threading.Condition()
         self.slots: dict[int, list[Slot]] = {}
@@ -104,18 +115,18 @@ class Keeper:
         """Bind both sockets (the Unix one doubles as a lock: a second keeper exits), run until told or idle."""
         trainers = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            trainers.bind(socket_name(self.run_dir, self.node))
+            trainers.bind(socket_name(self.run_dir, self.name))
         except OSError:
-            log.info("another keeper already serves node %d of %s; exiting", self.node, self.run_dir)
+            log.info("another keeper already serves node %s of %s; exiting", self.name, self.run_dir)
             return
         trainers.listen(64)
         self._trainer_server = trainers
         peers = socket.create_server((self.host, 0))
         self.port = peers.getsockname()[1]
-        record = record_path(self.run_dir, self.node)
+        record = record_path(self.run_dir, self.name)
         record.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(record, json.dumps({"pid": os.getpid(), "host": self.host, "port": self.port}))
-        log.info("keeper of node %d serving %s on %s:%d", self.node, self.run_dir, self.host, self.port)
+        log.info("keeper of node %s serving %s on %s:%d", self.name, self.run_dir, self.host, self.port)
         for target in (self._hash_loop, self._disk_loop, self._level3_loop, self.ec.lead):
             threading.Thread(target=target, daemon=True).start()
         threading.Thread(target=self._accept, args=(trainers, self._serve_trainer), daemon=True).start()
@@ -128,7 +139,7 @@ class Keeper:
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(record.read_text())["pid"] == os.getpid():  # not a successor's record
                     record.unlink()
-            log.info("keeper of node %d exits", self.node)
+            log.info("keeper of node %s exits", self.name)
 
     def _should_exit(self) -> bool:
         busy = self.disk_busy or self.disk_queue or self.level3_busy or self.level3_step is not None
@@ -159,7 +170,7 @@ class Keeper:
                     reply, fds = getattr(self, f"_trainer_{op}")(header)
                 except Exception as error:  # noqa: BLE001 - reported to the trainer
                     log.exception("request %s failed", op)
-                    reply, fds = {"error": f"keeper of node {self.node}: {op} failed: {error}"}, []
+                    reply, fds = {"error": f"keeper of node {self.name}: {op} failed: {error}"}, []
                 if reply is not None:
                     wire.send(connection, reply, fds=fds)
         except (wire.PeerGone, OSError):
@@ -182,7 +193,6 @@ class Keeper:
                 log.warning("a run with another configuration attached; dropping the snapshots held so far")
                 self._drop_all()
             self.run = run
-            self.peers = {int(node): tuple(endpoint) for node, endpoint in run.get("peers", {}).items()}
         return {"port": self.port, "pid": os.getpid()}, []
 
     def _trainer_acquire(self, header: dict) -> tuple[dict, list]:
@@ -245,10 +255,10 @@ class Keeper:
                 for index, slot in enumerate(slots):
                     if slot.step is None or slot.writing:
                         continue
-                    if slot.digest is None or digest(slot.memory[: slot.nbytes]) != slot.digest:
+                    if slot.digest is None or slot.checksum() != slot.digest:
                         warnings.append(
                             f"skipping the memory snapshot of step {slot.step} of local rank {local_rank} "
-                            f"(slot {index} of the keeper of node {self.node}): its checksum does not match"
+                            f"(slot {index} of the keeper of node {self.name}): its checksum does not match"
                         )
                         slot.step = None
             snapshots = {
@@ -258,7 +268,9 @@ class Keeper:
             parity, protected = self.ec.held(), self.ec.protected
         for message in warnings:
             log.warning(message)
-        return {"snapshots": snapshots, "parity": parity, "protected": protected, "warnings": warnings}, []
+        report = {"index": self.index, "snapshots": snapshots, "parity": parity, "protected": protected,
+                  "warnings": warnings}
+        return report, []
 
     def _trainer_map(self, header: dict) -> tuple[dict, list]:
         """The slots holding ``step`` for every local rank, with their file descriptors."""
@@ -304,9 +316,19 @@ class Keeper:
         self.abandon_commits.clear()
         return {"errors": errors}, []
 
-    def _trainer_peers(self, header: dict) -> tuple[dict, list]:
+    def _trainer_place(self, header: dict) -> tuple[dict, list]:
+        """This node's index among the run's nodes, and every node's keeper endpoint by index.
+
+        A keeper given another index than the one it held its snapshots and parity under drops them:
+        they were encoded for another place in the group.
+        """
         with self.lock:
-            self.peers = {int(node): tuple(endpoint) for node, endpoint in header["peers"].items()}
+            if self.index is not None and self.index != header["index"]:
+                log.warning("node %s moves from index %d to %d; dropping what it held", self.name, self.index,
+                            header["index"])
+                self._drop_all()
+            self.index = header["index"]
+            self.peers = {int(index): tuple(endpoint) for index, endpoint in header["peers"].items()}
             self.lock.notify_all()
         return {"ok": True}, []
 
@@ -335,7 +357,7 @@ class Keeper:
     # ---- state helpers (called with the lock held) ----------------------------------------------------
 
     def _new_slot(self, capacity: int) -> Slot:
-        fd = os.memfd_create(f"leantrain-snapshot-node{self.node}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"leantrain-snapshot-{self.name}", os.MFD_CLOEXEC)
         os.ftruncate(fd, capacity)
         self._uids += 1
         return Slot(uid=self._uids, fd=fd, capacity=capacity, memory=mmap.mmap(fd, capacity))
@@ -383,7 +405,7 @@ class Keeper:
                     self.lock.wait()
                 slot = self._hash_queue.popleft()
                 step, nbytes = slot.step, slot.nbytes
-            value = digest(slot.memory[:nbytes])
+            value = slot.checksum(nbytes)
             with self.lock:
                 if slot.step == step:
                     slot.digest = value
@@ -408,12 +430,13 @@ class Keeper:
                 if slots is None:
                     raise RuntimeError(f"the snapshot of step {step} is not complete in memory")
                 directory = Path(run["directory"])
-                buffers = [(memoryview(slot.memory)[: slot.nbytes], f"node {self.node} local rank {i}")
+                buffers = [(memoryview(slot.memory)[: slot.nbytes], f"node {self.name} local rank {i}")
                            for i, slot in enumerate(slots)]
-                write_node_payloads(directory, step, run["generation"], buffers, write_replicated=self.node == 0)
+                write_node_payloads(directory, step, run["generation"], buffers, write_replicated=self.index == 0)
+                del buffers
                 self.unpin(step)
                 pinned = False
-                if self.node == 0:
+                if self.index == 0:
                     commit_when_complete(directory, step, run["generation"], run["meta"], run["expected"],
                                          run["keep"], self.timeout_s, self.abandon_commits)
                     with self.lock:
@@ -454,7 +477,7 @@ class Keeper:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="leantrain's per-node snapshot keeper")
     parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--node", type=int, required=True)
+    parser.add_argument("--name", required=True, help="the node's name (its host name, or LEANTRAIN_NODE_NAME)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--idle-s", type=float, default=300.0)
     parser.add_argument("--timeout-s", type=float, default=120.0)
@@ -464,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(0)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s keeper %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    Keeper(Path(args.run_dir), args.node, args.host, args.idle_s, args.timeout_s).serve()
+    Keeper(Path(args.run_dir), args.name, args.host, args.idle_s, args.timeout_s).serve()
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from .keeper import record_path, socket_name
 class KeeperClient:
     """One trainer's connection to the keeper of its node; thread-safe (the copier thread commits)."""
 
-    def __init__(self, connection: socket.socket, node: int, local_rank: int) -> None:
-        self.connection, self.node, self.local_rank = connection, node, local_rank
+    def __init__(self, connection: socket.socket, name: str, local_rank: int) -> None:
+        self.connection, self.name, self.local_rank = connection, name, local_rank
         self._lock = threading.Lock()
         self._mappings: dict[int, mmap.mmap] = {}
 
     @classmethod
-    def attach(cls, run_dir: Path, node: int, local_rank: int, start: bool, host: str, idle_s: float,
+    def attach(cls, run_dir: Path, name: str, local_rank: int, start: bool, host: str, idle_s: float,
                timeout_s: float, hello: dict[str, Any] | None = None) -> tuple["KeeperClient", dict]:
         """Connect to the node's keeper and say ``hello``; if ``start`` and none answers, launch one.
 
@@ -36,19 +36,19 @@ class KeeperClient:
         while True:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                connection.connect(socket_name(run_dir, node))
-                client = cls(connection, node, local_rank)
+                connection.connect(socket_name(run_dir, name))
+                client = cls(connection, name, local_rank)
                 reply, _ = client.call("hello", local_rank=local_rank, run=hello) if hello else ({}, [])
                 return client, reply
             except (FileNotFoundError, ConnectionError, wire.PeerGone):
                 connection.close()
             if start and not launched:
-                launch_keeper(run_dir, node, host, idle_s, timeout_s)
+                launch_keeper(run_dir, name, host, idle_s, timeout_s)
                 launched = True
             if time.monotonic() > deadline:
-                log = record_path(run_dir, node).with_suffix(".log")
+                log = record_path(run_dir, name).with_suffix(".log")
                 raise UserError(
-                    f"the snapshot keeper of node {node} did not answer within checkpoint.keeper_timeout_s="
+                    f"the snapshot keeper of node {name} did not answer within checkpoint.keeper_timeout_s="
                     f"{timeout_s:g} s (its log: {log})"
                 )
             time.sleep(0.1)
@@ -91,18 +91,24 @@ class KeeperClient:
         self.connection.close()
 
 
-def launch_keeper(run_dir: Path, node: int, host: str, idle_s: float, timeout_s: float) -> None:
-    """Start a keeper in its own session, detached (it daemonises), logging to ``keepers/node_<n>.log``."""
-    log_path = record_path(run_dir, node).with_suffix(".log")
+def launch_keeper(run_dir: Path, name: str, host: str, idle_s: float, timeout_s: float) -> None:
+    """Start a keeper in its own session, detached (it daemonises), logging to ``keepers/<name>.log``."""
+    log_path = record_path(run_dir, name).with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "leantrain.checkpoint.keeper", "--run-dir", str(Path(run_dir).resolve()),
-               "--node", str(node), "--host", host, "--idle-s", str(idle_s), "--timeout-s", str(timeout_s),
+               "--name", name, "--host", host, "--idle-s", str(idle_s), "--timeout-s", str(timeout_s),
                "--detach"]
     with open(log_path, "ab") as log:
         launcher = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True, close_fds=True, env=env)
     threading.Thread(target=launcher.wait, daemon=True).start()  # reaps the launcher, which forks and exits
+
+
+def node_name() -> str:
+    """This machine's name for its keeper: LEANTRAIN_NODE_NAME if set (several agents on one machine),
+    else the host name. A node restarted under the same name finds the keeper that survived it."""
+    return os.environ.get("LEANTRAIN_NODE_NAME") or socket.gethostname()
 
 
 def advertised_host() -> str:

@@ -12,6 +12,7 @@ request, in wire.py's frames.
 
 import base64
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -82,7 +83,9 @@ class GroupParity:
         run = self.keeper.run
         if not run or not run["ec"]["k"]:
             return None
-        return group_of(self.keeper.node, run["nnodes"], run["ec"]["k"], run["ec"]["m"])
+        if self.keeper.index is None:
+            return None
+        return group_of(self.keeper.index, run["nnodes"], run["ec"]["k"], run["ec"]["m"])
 
     def codec(self) -> Codec:
         ec = self.keeper.run["ec"]
@@ -93,12 +96,12 @@ class GroupParity:
     def lead(self) -> None:
         """The leader's thread: a round for the newest complete step whenever there is a newer one."""
         keeper = self.keeper
-        round_id = int(time.time() * 1000) % 1_000_000_000 * 1000 + keeper.node
+        round_id = secrets.randbits(48) << 12  # unlike any id a leader before this one used
         while True:
             with keeper.lock:
                 while True:
                     group = self.group()
-                    if (group is not None and group.nodes[0] == keeper.node and not keeper.stopping
+                    if (group is not None and group.nodes[0] == keeper.index and not keeper.stopping
                             and keeper.global_step > self.last_round_step
                             and all(node in keeper.peers for node in group.nodes)):
                         break
@@ -129,9 +132,6 @@ class GroupParity:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"erasure-coding round of step {step} timed out")
                     keeper.lock.wait(0.5)
-            for node in group.nodes:
-                self.call(node, {"op": "ec_done", "step": step, "round": round_id})
-            return "done"
         except Exception as error:  # noqa: BLE001 - a failed round is retried
             if outcome == "failed" and str(error) != self._last_error:
                 log.warning("erasure-coding round of step %d failed: %s (retrying every second)", step, error)
@@ -142,6 +142,13 @@ class GroupParity:
                 except Exception:  # noqa: BLE001 - that node is gone; nothing to undo there
                     pass
             return outcome
+        # Every block is stored: the round is done, even for a member that dies before hearing it.
+        for node in group.nodes:
+            try:
+                self.call(node, {"op": "ec_done", "step": step, "round": round_id})
+            except Exception as error:  # noqa: BLE001 - the next round (or a rebuild) deals with it
+                log.warning("node %d did not hear that step %d is protected: %s", node, step, error)
+        return "done"
 
     # ---- the peer protocol --------------------------------------------------------------------------
 
@@ -154,7 +161,7 @@ class GroupParity:
                 reply, data = getattr(self, f"_on_{header['op']}")(header, payload)
             except Exception as error:  # noqa: BLE001 - reported to the caller
                 log.warning("peer request %s failed: %s", header.get("op"), error)
-                reply, data = {"error": f"keeper of node {self.keeper.node}: {error}"}, b""
+                reply, data = {"error": f"keeper of node {self.keeper.name}: {error}"}, b""
             wire.send(connection, reply, data)
         except (wire.PeerGone, OSError):
             pass
@@ -177,6 +184,7 @@ class GroupParity:
                 keeper.lock.wait(0.05)
             if slots is None:
                 return {"ok": False}, b""
+            self._release_all()  # one round at a time per group: any earlier one is over
             keeper.pins[step] += 1
             self.round_pins[header["round"]] = step
             group = self.group()
@@ -184,7 +192,7 @@ class GroupParity:
         return {"ok": True}, b""
 
     def _send_fragments(self, group: Group, round_id: int, step: int, slots: list["Slot"]) -> None:
-        position = group.position(self.keeper.node)
+        position = group.position(self.keeper.index)
         manifest = _manifest(slots)
         for index in range(group.k):
             stripe = group.stripe_of(position, index)
@@ -235,7 +243,7 @@ class GroupParity:
 
     def _on_ec_done(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         with self.keeper.lock:
-            self._release(header["round"])
+            self._release_all()
             self.protected, self.protected_round = header["step"], header["round"]
             self.records = {key: record for key, record in self.records.items() if key[1] == header["round"]}
             self.keeper.lock.notify_all()
@@ -245,6 +253,8 @@ class GroupParity:
     def _on_ec_abort(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         with self.keeper.lock:
             self._release(header["round"])
+            if header["round"] == self.protected_round:  # done here already: its parity stays
+                return {"ok": True}, b""
             self.records = {key: r for key, r in self.records.items() if key[1] != header["round"]}
             self.gathering = {key: v for key, v in self.gathering.items() if key[0] != header["round"]}
             self.keeper.lock.notify_all()
@@ -255,6 +265,10 @@ class GroupParity:
         if step is not None:
             self.keeper.pins[step] -= 1
 
+    def _release_all(self) -> None:
+        for round_id in list(self.round_pins):
+            self._release(round_id)
+
     def _on_get_fragment(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
         keeper, step, stripe = self.keeper, header["step"], header["stripe"]
         with keeper.lock:
@@ -262,9 +276,9 @@ class GroupParity:
             slots = keeper.node_slots(step)
             if slots is None:
                 raise RuntimeError(f"no complete snapshot of step {step}")
-            kind, index = group.block_of(stripe, group.position(keeper.node))
+            kind, index = group.block_of(stripe, group.position(keeper.index))
             if kind != "data":
-                raise RuntimeError(f"node {keeper.node} holds parity, not data, of stripe {stripe}")
+                raise RuntimeError(f"node {keeper.index} holds parity, not data, of stripe {stripe}")
             keeper.pins[step] += 1
         try:
             return {"index": index}, _fragment(slots, group.k, index)
@@ -287,7 +301,7 @@ class GroupParity:
         keeper = self.keeper
         with keeper.lock:
             group, codec = self.group(), self.codec()
-        position = group.position(keeper.node)
+        position = group.position(keeper.index)
         fragments, manifest = [], None
         for index in range(group.k):
             stripe = group.stripe_of(position, index)

@@ -23,7 +23,7 @@ from .disk import (
     staging_path,
     write_payload,
 )
-from .snapshot import Buffer, assemble, read_header
+from .snapshot import Buffer, assemble
 
 REPLICATED = "replicated"
 _RECORD_SUFFIX = ".record.json"
@@ -35,13 +35,12 @@ def write_node_payloads(
     """Write this node's payloads of ``step`` (its local ranks' snapshots, in order) into the staging directory."""
     staging = staging_path(directory, step, tag=f"lazy-{generation}")
     staging.mkdir(parents=True, exist_ok=True)
-    for index, (data, where) in enumerate(snapshots):
-        rank = read_header(data, where)[0]["identity"]["rank"]
-        _, replicated, per_rank = assemble(snapshots, rank, clone=False)
-        if write_replicated and index == 0:
-            _write_fresh(staging, REPLICATED, replicated)
-        if per_rank:
-            _write_fresh(staging, f"rank_{rank}", per_rank)
+    _, replicated, per_rank = assemble(snapshots, clone=False)
+    if write_replicated:
+        _write_fresh(staging, REPLICATED, replicated)
+    for rank, states in per_rank.items():
+        if states:
+            _write_fresh(staging, f"rank_{rank}", states)
 
 
 def commit_when_complete(

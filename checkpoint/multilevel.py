@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UserError
-from .disk import CheckpointError, find_checkpoints, load_checkpoint, write_final_weights, write_text_atomic
-from .keeper_client import KeeperClient, advertised_host
+from .disk import CheckpointError, find_checkpoints, load_checkpoint, write_final_weights
+from .keeper_client import KeeperClient, advertised_host, node_name
 from .lazy import Copier, LazyCopy, pin_host_memory, unpin_host_memory
 from .parity import group_of
 from .snapshot import assemble, flatten, plan_snapshot, shard_of
@@ -43,22 +43,27 @@ _EXCHANGE_DIR = ".checkpoint-exchange"
 
 @dataclass
 class NodeLayout:
-    """Where a rank sits among the nodes: torchrun's GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE."""
+    """Where a rank sits among the nodes: torchrun's GROUP_RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, and the node's name.
+
+    The name (see ``node_name``) finds the node's keeper; the group rank may change from one
+    rendezvous round to the next, so the keepers keep their own index among the nodes.
+    """
 
     node: int
     nnodes: int
     local_rank: int
     local_world_size: int
+    name: str
 
     @classmethod
     def from_env(cls, rank: int, world_size: int) -> "NodeLayout":
         if "LOCAL_RANK" not in os.environ:
-            return cls(node=0, nnodes=1, local_rank=rank, local_world_size=world_size)
+            return cls(node=0, nnodes=1, local_rank=rank, local_world_size=world_size, name=node_name())
         local_rank = int(os.environ["LOCAL_RANK"])
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         node = int(os.environ.get("GROUP_RANK", rank // local_world_size))
         return cls(node=node, nnodes=max(1, world_size // local_world_size), local_rank=local_rank,
-                   local_world_size=local_world_size)
+                   local_world_size=local_world_size, name=node_name())
 
 
 @dataclass
@@ -98,7 +103,7 @@ class LazyCheckpointer:
         if ec.library not in ("zfec", "pyeclib"):
             raise UserError(f"checkpoint.ec.library: unknown library {ec.library!r}; choose zfec or pyeclib")
         if ec.k:
-            group_of(layout.node, layout.nnodes, ec.k, ec.m)
+            group_of(0, layout.nnodes, ec.k, ec.m)
         self.owner, self.cfg, self.layout = owner, cfg, layout
         self.rank, self.world_size = owner.rank, owner.world_size
         self.stats = SnapshotStats()
@@ -121,31 +126,35 @@ class LazyCheckpointer:
     def restore(self, replicated: dict[str, "Stateful"], per_rank: dict[str, "Stateful"]) -> int:
         layout, cfg = self.layout, self.cfg
         self.keeper, hello = KeeperClient.attach(
-            self.owner.run_dir, layout.node, layout.local_rank, layout.local_rank == 0, advertised_host(),
+            self.owner.run_dir, layout.name, layout.local_rank, layout.local_rank == 0, advertised_host(),
             cfg.keeper_idle_s, cfg.keeper_timeout_s, hello=self._run_description(replicated, per_rank))
         report = None
         if layout.local_rank == 0:
             self._warn(self.keeper.call("flush", abandon=True)[0]["errors"])
             report, _ = self.keeper.call("inventory")
             self._warn(report["warnings"])
-        mine = {"node": layout.node, "local_rank": layout.local_rank, "endpoint": [advertised_host(), hello["port"]],
-                "inventory": report}
-        infos = self._all_gather(mine, "inventory")
-        peers = {str(info["node"]): info["endpoint"] for info in infos if info["local_rank"] == 0}
+        mine = {"name": layout.name, "group_rank": layout.node, "local_rank": layout.local_rank,
+                "endpoint": [advertised_host(), hello["port"]], "inventory": report}
+        nodes = [info for info in self._all_gather(mine, "inventory") if info["local_rank"] == 0]
+        indices = _node_indices(nodes)
+        reports = {indices[info["name"]]: info["inventory"] for info in nodes}
         if layout.local_rank == 0:
-            self.keeper.call("peers", peers=peers)
+            peers = {str(indices[info["name"]]): info["endpoint"] for info in nodes}
+            self.keeper.call("place", index=indices[layout.name], peers=peers)
 
-        decision = self._agree(lambda: self._decide(infos, replicated, per_rank, allow_memory=True), "decision")
+        decision = self._agree(lambda: self._decide(reports, replicated, per_rank, allow_memory=True), "decision")
         if decision["source"] == "peer":
             rebuilt = True
-            if layout.node in decision["lost"] and layout.local_rank == 0:
+            if indices[layout.name] in decision["lost"] and layout.local_rank == 0:
                 try:
                     self.keeper.call("rebuild", step=decision["step"], lost=decision["lost"])
                 except RuntimeError as error:
-                    warnings.warn(f"rebuilding node {layout.node}'s snapshot from its peers failed: {error}", stacklevel=2)
+                    warnings.warn(f"rebuilding node {layout.name}'s snapshot from its peers failed: {error}",
+                                  stacklevel=2)
                     rebuilt = False
             if not all(self._all_gather(rebuilt, "rebuilt")):
-                decision = self._agree(lambda: self._decide(infos, replicated, per_rank, allow_memory=False), "fallback")
+                decision = self._agree(lambda: self._decide(reports, replicated, per_rank, allow_memory=False),
+                                       "fallback")
 
         step, source = decision["step"], decision["source"]
         if source in ("memory", "peer"):
@@ -164,13 +173,16 @@ class LazyCheckpointer:
         self.owner.restore_source = None if source == "none" else source
         return step
 
-    def _decide(self, infos: list[dict], replicated: dict, per_rank: dict, allow_memory: bool) -> dict:
-        """Rank 0's choice: newest of memory, peer parity and disk (ties go to the cheaper source)."""
+    def _decide(self, reports: dict[int, dict], replicated: dict, per_rank: dict, allow_memory: bool) -> dict:
+        """Rank 0's choice: newest of memory, peer parity and disk (ties go to the cheaper source).
+
+        ``reports`` are the keepers' inventories by node index.
+        """
         generation = secrets.token_hex(4)
         mode = self.cfg.resume.strip()
         memory_step, peer_step, lost = (None, None, [])
         if mode == "auto" and allow_memory:
-            memory_step, peer_step, lost = self._memory_candidates(infos)
+            memory_step, peer_step, lost = self._memory_candidates(reports)
         best = max((s for s in (memory_step, peer_step) if s is not None), default=None)
         if best is not None:
             newest_on_disk = max((_step_of(p) for p in self._disk_candidates()), default=-1)
@@ -184,9 +196,8 @@ class LazyCheckpointer:
         step = json.loads((path / "meta.json").read_text())["step"]
         return {"source": "disk", "step": step, "path": str(path), "generation": generation}
 
-    def _memory_candidates(self, infos: list[dict]) -> tuple[int | None, int | None, list[int]]:
+    def _memory_candidates(self, nodes: dict[int, dict]) -> tuple[int | None, int | None, list[int]]:
         """(newest step in every node's memory, newest step rebuildable from parity, the nodes to rebuild)."""
-        nodes = {info["node"]: info["inventory"] for info in infos if info["local_rank"] == 0}
         complete = {node: _node_complete(report, self.layout.local_world_size) for node, report in nodes.items()}
         common = set.intersection(*complete.values()) if complete else set()
         memory_step = max(common, default=None)
@@ -229,14 +240,23 @@ class LazyCheckpointer:
         for entry, fd in zip(entries, fds, strict=True):
             memory = self.keeper.mapping(entry["uid"], fd, entry["capacity"])
             buffers.append((memoryview(memory)[: entry["nbytes"]], f"memory snapshot of step {step}, local rank "
-                                                                   f"{entry['local_rank']} of node {self.layout.node}"))
+                                                                   f"{entry['local_rank']} of node {self.layout.name}"))
         if len(buffers) != self.layout.local_world_size:
-            raise UserError(f"node {self.layout.node}'s keeper holds step {step} for {len(buffers)} of "
+            raise UserError(f"node {self.layout.name}'s keeper holds step {step} for {len(buffers)} of "
                             f"{self.layout.local_world_size} local ranks")
-        _, saved_replicated, saved_per_rank = assemble(buffers, self.rank)
+        _, saved_replicated, held = assemble(buffers)
         del buffers
         _load_states(replicated, saved_replicated)
-        _load_states(per_rank, saved_per_rank)
+        own = held.get(self.rank)
+        # torchrun may give a node restarted alone another group rank, so the ranks of a node now need
+        # not be the ones whose snapshots it holds: then every rank's state travels to where it runs.
+        if any(self._all_gather(own is None, "moved")):
+            offered = held if self.layout.local_rank == 0 else {}
+            own = next((states[self.rank] for states in self._all_gather(offered, "per_rank") if self.rank in states),
+                       None)
+            if own is None:
+                raise UserError(f"no node holds the memory snapshot of rank {self.rank} at step {step}")
+        _load_states(per_rank, own)
 
     # ---- snapshots -----------------------------------------------------------------------------------
 
@@ -258,7 +278,7 @@ class LazyCheckpointer:
         owners = shard_of(flat[REPLICATED][1], self.layout.local_world_size)
         held = {REPLICATED: [owner == self.layout.local_rank for owner in owners],
                 "per_rank": [True] * len(flat["per_rank"][1])}
-        identity = {"rank": self.rank, "world_size": self.world_size, "node": self.layout.node,
+        identity = {"rank": self.rank, "world_size": self.world_size, "node": self.layout.name,
                     "local_rank": self.layout.local_rank}
         plan = plan_snapshot(step, identity, flat, held)
         self._size_slots(plan.nbytes)
@@ -439,7 +459,8 @@ class LazyCheckpointer:
         return decision
 
     def _all_gather(self, value: Any, tag: str) -> list[Any]:
-        """Every rank's ``value`` (JSON-able), through torch.distributed or, without it, the run directory."""
+        """Every rank's ``value`` (state: tensors and plain containers), through torch.distributed or,
+        without a process group, files in the run directory."""
         if self.world_size == 1:
             return [value]
         import torch.distributed as dist
@@ -450,17 +471,42 @@ class LazyCheckpointer:
             return gathered
         exchange = self.owner.run_dir / _EXCHANGE_DIR / tag
         exchange.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(exchange / f"{self.rank}.json", json.dumps(value))
+        mine = exchange / f"{self.rank}.pt"
+        torch.save(value, exchange / f".{self.rank}.tmp")
+        os.replace(exchange / f".{self.rank}.tmp", mine)
         self.owner.barrier()
-        gathered = [json.loads((exchange / f"{r}.json").read_text()) for r in range(self.world_size)]
+        gathered = [torch.load(exchange / f"{r}.pt", weights_only=True) for r in range(self.world_size)]
         self.owner.barrier()
-        (exchange / f"{self.rank}.json").unlink()
+        mine.unlink()
         return gathered
 
     @staticmethod
     def _warn(messages: list[str]) -> None:
         for message in messages:
             warnings.warn(message, stacklevel=3)
+
+
+def _node_indices(nodes: list[dict]) -> dict[str, int]:
+    """Each node's index: the one its keeper holds data under, else a free one, in group-rank order.
+
+    Indices place nodes in erasure-coding groups and pick who writes the replicated state; they must
+    outlive torchrun's group ranks, which a node restarted alone may not get back.
+    """
+    count = len(nodes)
+    ordered = sorted(nodes, key=lambda info: info["group_rank"])
+    indices: dict[str, int] = {}
+    for info in ordered:
+        held = info["inventory"]["index"]
+        if held is not None and 0 <= held < count and held not in indices.values():
+            indices[info["name"]] = held
+    free = sorted(set(range(count)) - set(indices.values()), reverse=True)
+    for info in ordered:
+        if info["name"] not in indices and free:
+            indices[info["name"]] = free.pop()
+    if len(indices) != count:
+        names = sorted(info["name"] for info in nodes)
+        raise UserError(f"two nodes share a name ({names}): set LEANTRAIN_NODE_NAME to tell apart agents on one machine")
+    return indices
 
 
 def _node_complete(report: dict, local_world_size: int) -> set[int]:

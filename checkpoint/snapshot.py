@@ -188,12 +188,13 @@ def read_header(data: Buffer, where: str) -> tuple[dict, int]:
     return header, data_start
 
 
-def assemble(snapshots: list[tuple[Buffer, str]], rank: int, clone: bool = True) -> tuple[int, dict, dict]:
-    """Rebuild (step, replicated states, ``rank``'s per-rank states) from a node's snapshots.
+def assemble(snapshots: list[tuple[Buffer, str]], clone: bool = True) -> tuple[int, dict, dict[int, dict]]:
+    """Rebuild (step, replicated states, {rank: per-rank states}) from the snapshots of a node's ranks.
 
-    ``snapshots`` are (bytes, name for messages) of every local rank, all of one step. Tensors are
-    cloned out of the buffers (so the slots can be reused at once) unless ``clone`` is False: then
-    each is a zero-copy tensor over its own bytes, for a caller done with them before the slots change.
+    ``snapshots`` are (bytes, name for messages) of every local rank, all of one step; the per-rank
+    states are those of the ranks that took them. Tensors are cloned out of the buffers (so the
+    slots can be reused at once) unless ``clone`` is False: then each is a zero-copy tensor over its
+    own bytes, for a caller done with them before the slots change.
     """
     parsed = [(data, where, *read_header(data, where)) for data, where in snapshots]
     steps = {header["step"] for _, _, header, _ in parsed}
@@ -201,13 +202,12 @@ def assemble(snapshots: list[tuple[Buffer, str]], rank: int, clone: bool = True)
         raise SnapshotError(f"snapshots of different steps {sorted(steps)} cannot be combined")
     try:
         replicated = _gather_group(parsed, "replicated", clone)
-        own = [entry for entry in parsed if entry[2]["identity"]["rank"] == rank]
-        if len(own) != 1:
-            raise SnapshotError(f"no snapshot of rank {rank} among {[where for _, where in snapshots]}")
-        per_rank = _gather_group(own, "per_rank", clone)
+        per_rank = {entry[2]["identity"]["rank"]: _gather_group([entry], "per_rank", clone) for entry in parsed}
     except (ValueError, TypeError, KeyError, IndexError) as error:
         names = ", ".join(where for _, where in snapshots)
         raise SnapshotError(f"{names}: the snapshot's header does not describe its contents ({error})") from error
+    if len(per_rank) != len(parsed):
+        raise SnapshotError(f"two of {[where for _, where in snapshots]} are snapshots of the same rank")
     return steps.pop(), replicated, per_rank
 
 

@@ -76,7 +76,9 @@ def init_world(device: str = "auto", timeout_s: float = 600.0) -> World:
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_store),
                               timeout=timedelta(seconds=timeout_s))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        # Without the agent's store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) each rendezvous round gets a fresh
+        # store, and a node restarted alone has its own restart count: no prefix then.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_store else "fresh"
         dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store),
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)

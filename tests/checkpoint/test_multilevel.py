@@ -93,11 +93,6 @@ class Rank:
                           torch.tensor(self.counter.value)]
 
 
-def config(**changes) -> CheckpointConfig:
-    settings = {"mode": "lazy", "interval": 2, "keep": 3, "keeper_idle_s": 20.0, "keeper_timeout_s": 20.0, **changes}
-    return CheckpointConfig(**settings)
-
-
 def reference(steps: int, rank: int = 0, extra: int = 0) -> list[torch.Tensor]:
     run = Rank(rank, extra=extra)
     stub = Checkpointer(CheckpointConfig(), Path("/nonexistent"), FINGERPRINT)
@@ -120,9 +115,9 @@ def crash(checkpointer: Checkpointer) -> None:
     lazy.keeper.close()
 
 
-def kill_keeper(run_dir: Path, node: int) -> None:
+def kill_keeper(run_dir: Path, name: str) -> None:
     """A lost node: its keeper dies at once, with every snapshot and parity block it held."""
-    pid = json.loads(record_path(run_dir, node).read_text())["pid"]
+    pid = json.loads(record_path(run_dir, name).read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     while _alive(pid):
         time.sleep(0.01)
@@ -147,7 +142,7 @@ def _alive(pid: int) -> bool:
 def no_keeper_survives(tmp_path):
     yield
     leftovers = []
-    for record in tmp_path.rglob("keepers/node_*.json"):
+    for record in tmp_path.rglob("keepers/*.json"):
         try:
             pid = json.loads(record.read_text())["pid"]
         except (OSError, ValueError):
@@ -187,13 +182,22 @@ def run_ranks(layouts: list[NodeLayout], work) -> list:
 
 
 def layouts(nnodes: int, per_node: int) -> list[NodeLayout]:
-    return [NodeLayout(node=r // per_node, nnodes=nnodes, local_rank=r % per_node, local_world_size=per_node)
-            for r in range(nnodes * per_node)]
+    return [NodeLayout(node=r // per_node, nnodes=nnodes, local_rank=r % per_node, local_world_size=per_node,
+                       name=f"node{r // per_node}") for r in range(nnodes * per_node)]
+
+
+def config(**changes) -> CheckpointConfig:
+    settings = {"mode": "lazy", "interval": 2, "keep": 3, "keeper_idle_s": 20.0, "keeper_timeout_s": 20.0, **changes}
+    return CheckpointConfig(**settings)
+
+
+def single(name: str = "solo") -> NodeLayout:
+    return NodeLayout(node=0, nnodes=1, local_rank=0, local_world_size=1, name=name)
 
 
 def test_restart_resumes_from_memory_bit_exactly_and_disk_has_the_interval_steps(tmp_path):
     run = Rank(0)
-    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=single())
     assert checkpointer.restore(run.replicated(), run.per_rank()) == 0 and checkpointer.restore_source is None
     for step in range(1, 6):
         run.step(checkpointer)
@@ -202,7 +206,7 @@ def test_restart_resumes_from_memory_bit_exactly_and_disk_has_the_interval_steps
     crash(checkpointer)
 
     resumed = Rank(0, seed=99)
-    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=single())
     assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 5
     assert checkpointer.restore_source == "memory"
     for step in range(6, 9):
@@ -217,7 +221,7 @@ def test_restart_resumes_from_memory_bit_exactly_and_disk_has_the_interval_steps
 
 def test_optimizer_pre_hook_waits_even_without_wait_before_step(tmp_path):
     run = Rank(0, extra=1 << 20)
-    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
     checkpointer.restore(run.replicated(), run.per_rank())
     stub = Checkpointer(CheckpointConfig(), tmp_path / "unused", FINGERPRINT)
     for step in range(1, 4):
@@ -225,7 +229,7 @@ def test_optimizer_pre_hook_waits_even_without_wait_before_step(tmp_path):
         checkpointer.after_step(step, run.replicated(), run.per_rank())
     crash(checkpointer)
     resumed = Rank(0, seed=5, extra=1 << 20)
-    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
     assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 3
     assert_equal(resumed.flat(), reference(3, extra=1 << 20))
     checkpointer.close(shutdown_keeper=True)
@@ -233,7 +237,7 @@ def test_optimizer_pre_hook_waits_even_without_wait_before_step(tmp_path):
 
 def test_damaged_memory_snapshot_is_skipped_with_a_warning(tmp_path):
     run = Rank(0)
-    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=single())
     checkpointer.restore(run.replicated(), run.per_rank())
     for step in range(1, 6):
         run.step(checkpointer)
@@ -245,7 +249,7 @@ def test_damaged_memory_snapshot_is_skipped_with_a_warning(tmp_path):
         memory[1000] ^= 0x04
     crash(checkpointer)
     resumed = Rank(0, seed=3)
-    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=single())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 4
@@ -261,7 +265,7 @@ def test_damaged_memory_snapshot_is_skipped_with_a_warning(tmp_path):
 def test_damaged_shards_are_skipped_at_levels_2_and_3(tmp_path):
     level3 = tmp_path / "shared"
     run = Rank(0)
-    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT)
+    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT, layout=single())
     checkpointer.restore(run.replicated(), run.per_rank())
     for step in range(1, 7):
         run.step(checkpointer)
@@ -277,7 +281,7 @@ def test_damaged_shards_are_skipped_at_levels_2_and_3(tmp_path):
     data[len(data) // 2] ^= 0x01
     flipped.write_bytes(bytes(data))
     resumed = Rank(0, seed=4)
-    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT)
+    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT, layout=single())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 4
@@ -292,7 +296,7 @@ def test_damaged_shards_are_skipped_at_levels_2_and_3(tmp_path):
 
     shutil.rmtree(level2)  # a lost local disk: the shared copy still has a good checkpoint
     again = Rank(0, seed=5)
-    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT)
+    checkpointer = Checkpointer(config(level3_dir=str(level3)), tmp_path / "run", FINGERPRINT, layout=single())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert checkpointer.restore(again.replicated(), again.per_rank()) == 4
@@ -303,7 +307,7 @@ def test_damaged_shards_are_skipped_at_levels_2_and_3(tmp_path):
 def test_keeper_killed_in_the_middle_of_a_disk_write_leaves_the_previous_checkpoint(tmp_path):
     size = 4 << 20  # 48 MB with its AdamW state: the write lasts long enough to be caught in the middle
     run = Rank(0, extra=size)
-    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=single())
     checkpointer.restore(run.replicated(), run.per_rank())
     for step in range(1, 5):
         run.step(checkpointer)
@@ -314,14 +318,14 @@ def test_keeper_killed_in_the_middle_of_a_disk_write_leaves_the_previous_checkpo
     deadline = time.monotonic() + 30
     while not any(p.name.startswith(".tmp-step_4") for p in directory.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.001)
-    kill_keeper(tmp_path, 0)
+    kill_keeper(tmp_path, "solo")
     assert not (directory / "step_4").exists(), "the save finished before the keeper could be killed"
     assert (directory / "latest").read_text().strip() == "step_2"
     assert latest_good_checkpoint(directory).name == "step_2"
     checkpointer._lazy.keeper.close()
 
     resumed = Rank(0, seed=8, extra=size)
-    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=single())
     assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 2
     assert checkpointer.restore_source == "disk"
     assert not any(p.name.startswith(".tmp-") for p in directory.iterdir())
@@ -353,9 +357,36 @@ def test_local_ranks_share_the_replicated_state_and_restore_their_own(tmp_path):
         assert_equal(flat, reference(3, rank))
 
 
+def test_ranks_that_changed_nodes_get_their_own_state(tmp_path):
+    """A node restarted alone may get another group rank from torchrun: ranks then swap nodes."""
+
+    def train(rank, layout, barrier):
+        run = Rank(rank)
+        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
+        checkpointer.restore(run.replicated(), run.per_rank())
+        for step in range(1, 4):
+            run.step(checkpointer)
+            checkpointer.after_step(step, run.replicated(), run.per_rank())
+        crash(checkpointer)
+
+    def resume(rank, layout, barrier):
+        run = Rank(rank, seed=40 + rank)
+        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
+        step = checkpointer.restore(run.replicated(), run.per_rank())
+        flat = run.flat()
+        checkpointer.close(shutdown_keeper=True)
+        return step, checkpointer.restore_source, flat
+
+    run_ranks(layouts(2, 1), train)
+    swapped = [NodeLayout(node=r, nnodes=2, local_rank=0, local_world_size=1, name=f"node{1 - r}") for r in range(2)]
+    for rank, ((step, source, flat), _) in enumerate(run_ranks(swapped, resume)):
+        assert (step, source) == (3, "memory")
+        assert_equal(flat, reference(3, rank))
+
+
 def settle_keeper(run_dir: Path) -> None:
     """Until node 0's keeper has saved the disk checkpoints it was given and checksummed every snapshot."""
-    client, _ = KeeperClient.attach(run_dir, 0, 99, False, "127.0.0.1", 20.0, 20.0)
+    client, _ = KeeperClient.attach(run_dir, "solo", 99, False, "127.0.0.1", 20.0, 20.0)
     client.call("flush")
     client.call("inventory")
     client.close()
@@ -365,7 +396,7 @@ def wait_protected(run_dir: Path, nodes: int, step: int) -> None:
     """Until every keeper reports ``step`` protected by parity."""
     deadline = time.monotonic() + 30
     for node in range(nodes):
-        client, _ = KeeperClient.attach(run_dir, node, 99, False, "127.0.0.1", 20.0, 20.0)
+        client, _ = KeeperClient.attach(run_dir, f"node{node}", 99, False, "127.0.0.1", 20.0, 20.0)
         try:
             while client.call("inventory")[0]["protected"] != step:
                 assert time.monotonic() < deadline, f"node {node} never protected step {step}"
@@ -394,7 +425,7 @@ def test_lost_nodes_are_rebuilt_from_the_parity_of_their_group(tmp_path, k, m, l
     for checkpointer in trainers:
         crash(checkpointer)
     for node in lost:
-        kill_keeper(tmp_path, node)
+        kill_keeper(tmp_path, f"node{node}")
 
     def resume(rank, layout, barrier):
         run = Rank(rank, seed=70 + rank)
@@ -423,9 +454,9 @@ def test_bad_lazy_settings_name_their_key(tmp_path):
         Checkpointer(config(ec=ErasureConfig(k=1, m=1)), tmp_path, FINGERPRINT)
     with pytest.raises(UserError, match="checkpoint.ec.library"):
         Checkpointer(config(ec=ErasureConfig(k=1, m=1, library="raid")), tmp_path, FINGERPRINT,
-                     layout=NodeLayout(node=0, nnodes=2, local_rank=0, local_world_size=1))
+                     layout=NodeLayout(node=0, nnodes=2, local_rank=0, local_world_size=1, name="a"))
     run = Rank(0)
-    checkpointer = Checkpointer(config(host_buffer_mb=1), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(host_buffer_mb=1), tmp_path, FINGERPRINT, layout=single())
     checkpointer.restore(run.replicated(), run.per_rank())
     big = Rank(0, extra=1 << 18)
     with pytest.raises(UserError, match="checkpoint.host_buffer_mb=1"):
@@ -448,7 +479,7 @@ class Growing:
 
 def test_slots_grow_with_the_state(tmp_path):
     run, growing = Rank(0), Growing()
-    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
     checkpointer.restore(run.replicated(), {"growing": growing})
     for step in range(1, 5):
         growing.values = torch.arange(float(step * (600_000 if step > 2 else 10)))  # 2.4 MB then 9.6 MB
@@ -456,7 +487,7 @@ def test_slots_grow_with_the_state(tmp_path):
         checkpointer.after_step(step, run.replicated(), {"growing": growing})
     crash(checkpointer)
     restored = Growing()
-    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
     assert checkpointer.restore(Rank(0, seed=9).replicated(), {"growing": restored}) == 4
     assert torch.equal(restored.values, torch.arange(float(4 * 600_000)))
     checkpointer.close(shutdown_keeper=True)

@@ -82,11 +82,12 @@ def test_node_snapshots_rebuild_every_rank_state_exactly(local_world_size):
     per_ranks = [states(10 + r)[1] for r in range(local_world_size)]
     buffers = [(write(7, {"replicated": replicated, "per_rank": per_ranks[r]}, r, r, local_world_size), f"rank {r}")
                for r in range(local_world_size)]
+    step, got_replicated, got_per_rank = assemble(buffers)
+    assert step == 7
+    assert_same(got_replicated, replicated)
+    assert sorted(got_per_rank) == list(range(local_world_size))
     for rank in range(local_world_size):
-        step, got_replicated, got_per_rank = assemble(buffers, rank)
-        assert step == 7
-        assert_same(got_replicated, replicated)
-        assert_same(got_per_rank, per_ranks[rank])
+        assert_same(got_per_rank[rank], per_ranks[rank])
     # Sharded: the node holds the replicated bytes once, not once per rank.
     _, shared = flatten(replicated)
     held = sum(len(read_header(data, where)[0]["table"]["replicated"]) for data, where in buffers)
@@ -96,7 +97,7 @@ def test_node_snapshots_rebuild_every_rank_state_exactly(local_world_size):
 def test_restored_tensors_do_not_alias_the_slot():
     replicated, per_rank = states(1)
     buffer = write(3, {"replicated": replicated, "per_rank": per_rank}, 0, 0, 1)
-    _, got, _ = assemble([(buffer, "slot")], 0)
+    _, got, _ = assemble([(buffer, "slot")])
     before = got["model"]["0.weight"].clone()
     buffer[:] = bytes(len(buffer))
     assert torch.equal(got["model"]["0.weight"], before)
@@ -108,7 +109,7 @@ def test_views_of_one_tensor_are_stored_once():
     lone = write(1, {"replicated": {"m": tied}, "per_rank": {}}, 0, 0, 1)
     single = write(1, {"replicated": {"m": {"embed": weight}}, "per_rank": {}}, 0, 0, 1)
     assert len(lone) - len(single) < weight.nbytes
-    _, got, _ = assemble([(lone, "slot")], 0)
+    _, got, _ = assemble([(lone, "slot")])
     assert torch.equal(got["m"]["head"], weight) and torch.equal(got["m"]["embed"], weight)
 
 
@@ -116,16 +117,16 @@ def test_damage_is_detected_and_named():
     replicated, per_rank = states(2)
     buffer = write(4, {"replicated": replicated, "per_rank": per_rank}, 0, 0, 1)
     with pytest.raises(SnapshotError, match="slot 3: truncated"):
-        assemble([(buffer[: len(buffer) - 64], "slot 3")], 0)
+        assemble([(buffer[: len(buffer) - 64], "slot 3")])
     damaged = bytearray(buffer)
     damaged[2] ^= 0xFF
     with pytest.raises(SnapshotError, match="slot 3: not a snapshot"):
-        assemble([(damaged, "slot 3")], 0)
+        assemble([(damaged, "slot 3")])
     flipped = bytearray(buffer)
     flipped[-5] ^= 0x10  # in the tensor bytes: only the checksum notices
     assert digest(flipped) != digest(buffer)
     with pytest.raises(SnapshotError, match="held by no snapshot"):
-        assemble([(write(4, {"replicated": replicated, "per_rank": per_rank}, 0, 0, 2), "half")], 0)
+        assemble([(write(4, {"replicated": replicated, "per_rank": per_rank}, 0, 0, 2), "half")])
 
 
 def test_unsafe_values_are_refused_at_snapshot_time():
