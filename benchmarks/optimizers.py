@@ -41,6 +41,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="part 2: let autocast cache bf16 copies of the weights for the whole forward")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument("--render", default="", help="print the tables of a --json file instead of measuring")
     parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -272,24 +274,32 @@ def peak_memory(args: argparse.Namespace) -> dict:
     return results
 
 
-def report(state: dict | None, memory: dict | None, args: argparse.Namespace) -> dict:
+def machine() -> dict:
+    return {"command": f"python benchmarks/optimizers.py {' '.join(sys.argv[1:])}", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "arch": platform.machine(),
+            "load_average": [round(x, 1) for x in os.getloadavg()]}
+
+
+def report(state: dict | None, memory: dict | None, args: argparse.Namespace, meta: dict) -> dict:
+    """Print markdown tables (command line and machine first) and the targets; return the checked ratios."""
     GiB, MiB = 2**30, 2**20
     checks = {}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"`{meta['command']}`: torch {meta['torch']}, {meta['threads']} threads, {meta['cpus']} CPUs "
+          f"({meta['arch']}), load average {' '.join(map(str, meta['load_average']))} at the end")
     if state:
         print(f"\n130m block weights ({state['_weights_bytes'] / MiB:.0f} MiB fp32), rank {RANK}, gap {GAP}; best of "
-              f"{args.rounds} interleaved round(s); amortized = (refresh + {GAP - 1} x ordinary) / {GAP}")
-        print(f"{'':<24}{'':>10}{'':>9}{'ordinary ms':>18}{'refresh s':>16}{'amortized ms':>18}")
-        print(f"{'optimizer':<24}{'state MiB':>10}{'first s':>9}" + f"{'wall':>9}{'cpu':>9}" * 3)
+              f"{args.rounds} interleaved round(s); amortized = (refresh + {GAP - 1} x ordinary) / {GAP}; "
+              f"CPU = process CPU time over all threads, steadier than wall time when the machine is loaded\n")
+        print("| optimizer | state MiB | ordinary ms | refresh s | amortized ms | ordinary CPU ms | refresh CPU s "
+              "| amortized CPU ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for name, r in state.items():
             if name.startswith("_"):
                 continue
             wall, cpu = r["wall"], r["cpu"]
-            print(f"{name:<24}{r['state_bytes'] / MiB:>10.1f}{r['first_step_s']:>9.2f}"
-                  f"{wall['ordinary_s'] * 1e3:>9.0f}{cpu['ordinary_s'] * 1e3:>9.0f}"
-                  f"{wall['refresh_s']:>9.2f}{cpu['refresh_s']:>9.2f}"
-                  f"{wall['amortized_s'] * 1e3:>9.0f}{cpu['amortized_s'] * 1e3:>9.0f}")
-        print("(cpu: process CPU seconds over all threads, the steadier figure when other processes load the machine)")
+            print(f"| {name} | {r['state_bytes'] / MiB:.1f} | {wall['ordinary_s'] * 1e3:.0f} | {wall['refresh_s']:.2f} "
+                  f"| {wall['amortized_s'] * 1e3:.0f} | {cpu['ordinary_s'] * 1e3:.0f} | {cpu['refresh_s']:.2f} "
+                  f"| {cpu['amortized_s'] * 1e3:.0f} |")
         for clock in ("wall", "cpu"):
             ref, exact, rand = (state[n][clock] for n in ("galore-torch", "ours-exact", "ours-randomized"))
             checks[f"exact_amortized ({clock})"] = exact["amortized_s"] / ref["amortized_s"]
@@ -298,23 +308,23 @@ def report(state: dict | None, memory: dict | None, args: argparse.Namespace) ->
     if memory:
         print(f"\n350m training step, batch {args.batch} x {args.seq} tokens, {args.dtype} compute, fp32 weights, "
               f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, autocast weight cache "
-              f"{'on' if args.autocast_cache else 'off'}; peak resident set of a fresh process")
-        print(f"{'optimizer':<18}{'peak GiB':>9}{'step GiB':>10}{'runtime GiB':>13}{'weights GiB':>13}"
-              f"{'state GiB':>11}{'step s':>8}")
+              f"{'on' if args.autocast_cache else 'off'}; peak resident set of a fresh process; step = peak less the "
+              f"runtime (Python and torch before the model exists)\n")
+        print("| optimizer | peak GiB | step GiB | runtime GiB | weights GiB | state GiB | step s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name, r in memory.items():
-            print(f"{name:<18}{r['peak_bytes'] / GiB:>9.2f}{(r['peak_bytes'] - r['imports_bytes']) / GiB:>10.2f}"
-                  f"{r['imports_bytes'] / GiB:>13.2f}{r['weights_bytes'] / GiB:>13.2f}{r['state_bytes'] / GiB:>11.2f}"
-                  f"{r['step_s']:>8.1f}")
-        print("(step GiB: the peak less the runtime, the resident set of Python and torch before the model exists)")
+            print(f"| {name} | {r['peak_bytes'] / GiB:.2f} | {(r['peak_bytes'] - r['imports_bytes']) / GiB:.2f} "
+                  f"| {r['imports_bytes'] / GiB:.2f} | {r['weights_bytes'] / GiB:.2f} | {r['state_bytes'] / GiB:.2f} "
+                  f"| {r['step_s']:.1f} |")
         galore, adamw = memory["galore-layerwise"], memory["adamw"]
-        print(f"peak ratio with the runtime included: {galore['peak_bytes'] / adamw['peak_bytes']:.3f}x")
+        print(f"\nRatio of the raw peaks (runtime included): {galore['peak_bytes'] / adamw['peak_bytes']:.3f}x")
         checks["peak_memory"] = (galore["peak_bytes"] - galore["imports_bytes"]) / (adamw["peak_bytes"]
                                                                                     - adamw["imports_bytes"])
     print()
     for key, value in checks.items():
         target = TARGETS[key.split(" ")[0]]
         baseline = "AdamW" if key == "peak_memory" else "galore-torch"
-        print(f"{key:<30} {value:.3f}x {baseline} (target <= {target}x): {'ok' if value <= target else 'MISSED'}")
+        print(f"- {key}: {value:.3f}x {baseline} (target <= {target}x): {'ok' if value <= target else 'MISSED'}")
     return checks
 
 
@@ -325,10 +335,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args)))
         return {}
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        report(saved["state_and_time"], saved["peak_memory"], args, saved["machine"])
+        return saved
     state = state_and_time(args) if args.part in ("all", "state") else None
     memory = peak_memory(args) if args.part in ("all", "memory") else None
-    checks = report(state, memory, args)
-    results = {"state_and_time": state, "peak_memory": memory, "checks": checks}
+    meta = machine()
+    checks = report(state, memory, args, meta)
+    results = {"machine": meta, "state_and_time": state, "peak_memory": memory, "checks": checks}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -28,7 +28,6 @@ from . import projector
 from .projector import PROJ_TYPES, SVD_METHODS
 
 SWITCH_POLICIES = ("keep", "reset", "rotate")
-SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # galore-torch's projector defaults, for projected groups that name only ``rank``.
 PROJECTION_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std"}
 
@@ -79,7 +78,7 @@ class GaLoreAdamW(Optimizer):
     refresh phase, overriding ``stagger``). Options beyond galore-torch, all per group except
     ``stagger``: ``svd`` (exact | randomized, with ``oversample`` extra columns, ``power_iters``
     Gram applications and the ``sketch_dtype`` of its large products: auto picks bfloat16 where
-    the hardware runs it natively), ``switch`` (what the moments do when the subspace changes:
+    the hardware runs it natively, float64 for float64 gradients), ``switch`` (what the moments do when the subspace changes:
     keep | reset, which zeroes them and restarts bias correction | rotate, which maps them into the
     new basis), ``stagger`` (see ``stagger_offsets``), ``guard`` (keep the old basis when the
     gradient is not finite or the SVD fails), ``decay_before_update`` (torch's decoupled-decay
@@ -125,7 +124,7 @@ class GaLoreAdamW(Optimizer):
             raise UserError(f"{where}: oversample must be an int >= 0, got {group['oversample']!r}")
         if not (isinstance(group["power_iters"], int) and group["power_iters"] >= 1):
             raise UserError(f"{where}: power_iters must be an int >= 1, got {group['power_iters']!r}")
-        if group["sketch_dtype"] not in ("auto", *SKETCH_DTYPES):
+        if group["sketch_dtype"] not in ("auto", *projector.SKETCH_DTYPES):
             raise UserError(f"{where}: sketch_dtype={group['sketch_dtype']!r}; choose auto, float32 or bfloat16")
         if group["foreach"] not in (None, True, False):
             raise UserError(f"{where}: foreach must be true, false or None (automatic), got {group['foreach']!r}")
@@ -270,10 +269,8 @@ class GaLoreAdamW(Optimizer):
         generator = torch.Generator(device=grad.device)
         # Seeded by matrix and step, so a resumed run draws the same test matrices.
         generator.manual_seed((ordinal + 1) * 1_000_003 + step)
-        sketch_dtype = (projector.default_sketch_dtype(grad.device) if group["sketch_dtype"] == "auto"
-                        else SKETCH_DTYPES[group["sketch_dtype"]])
         left, right = projector.randomized_basis(grad, k, side, group["oversample"], group["power_iters"], generator,
-                                                 sketch_dtype)
+                                                 projector.sketch_dtype_for(group["sketch_dtype"], grad))
         if "proj_left" in state and left is not None:
             left = projector.align_signs(left, state["proj_left"].to(left.dtype), vectors_dim=1)
         if "proj_right" in state and right is not None:
@@ -300,17 +297,17 @@ class GaLoreAdamW(Optimizer):
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         projected = "rank" in group
-        # The same operations, in the same order, as galore-torch. torch's foreach kernels batch them
+        # galore-torch's Adam (eps added to sqrt(v), bias correction folded into the step size), with
+        # the first moment as a lerp (one pass instead of two). torch's foreach kernels batch these
         # on CUDA; on the CPU they fall back to a loop about twice as slow as this one.
         foreach = group["foreach"] if group["foreach"] is not None else all(p.is_cuda for p in params)
         if foreach:
-            torch._foreach_mul_(exp_avgs, beta1)
-            torch._foreach_add_(exp_avgs, lows, alpha=1.0 - beta1)
+            torch._foreach_lerp_(exp_avgs, lows, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1.0 - beta2)
         else:
             for exp_avg, exp_avg_sq, low in zip(exp_avgs, exp_avg_sqs, lows):
-                exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+                exp_avg.lerp_(low, 1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
         if projected:  # the low-rank m / (sqrt(v) + eps), to map back
             if foreach:
@@ -319,7 +316,10 @@ class GaLoreAdamW(Optimizer):
                 updates = torch._foreach_div(exp_avgs, denoms)
                 del denoms
             else:
-                updates = [m / v.sqrt().add_(group["eps"]) for m, v in zip(exp_avgs, exp_avg_sqs)]
+                updates = []
+                for exp_avg, exp_avg_sq in zip(exp_avgs, exp_avg_sqs):
+                    denom = exp_avg_sq.sqrt().add_(group["eps"])
+                    updates.append(torch.div(exp_avg, denom, out=denom))  # into the same buffer
         for i, (p, state) in enumerate(zip(params, states)):
             step_size = lr
             if group["correct_bias"]:

@@ -15,7 +15,9 @@ Contract with the training loop:
   its group right before its parameter steps, so one schedule clock drives them all.
 - ``register_step_pre_hook`` hooks run once per step, just before the first parameter changes.
 - Global gradient clipping cannot work (no step ever sees all gradients); ``clip_norm`` clips each
-  parameter's gradient norm instead, and ``grad_norm`` is the global norm before clipping.
+  parameter's gradient norm instead. ``clip_grad_norm_(params, inf)``, where a loop would clip,
+  returns the global norm before clipping (``grad_norm`` after ``step()``); a finite max norm there
+  is an error.
 
 Under DDP a post-accumulate hook sees the local gradient before the allreduce, so
 ``attach_ddp(model)`` moves the stepping into a DDP communication hook: each bucket is
@@ -25,6 +27,7 @@ keep a full gradient copy, so there the gain is overlap, not memory. FSDP2 shard
 per-layer updates; FSDP2 parameters are rejected here.
 """
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -140,6 +143,20 @@ class LayerwiseOptimizer(Optimizer):
         inner.step()
         p.grad = None
         self._stepped.add(p)
+
+    def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """The global norm of this step's gradients before clipping, for the training loop to log.
+
+        Called where a loop clips globally (``parameters`` is ignored: every gradient has already
+        passed through here). Global clipping itself cannot work, since each parameter stepped
+        before the global norm existed, so a finite ``max_norm`` is an error; ``clip_norm`` clips
+        each parameter instead.
+        """
+        if math.isfinite(max_norm):
+            raise UserError(f"global gradient clipping (max norm {max_norm}) cannot combine with optim.layerwise: "
+                            "each parameter steps inside backward, before the global norm exists. Set "
+                            "trainer.grad_clip=0 and use optim.layerwise_clip to clip each parameter instead")
+        return self._grad_sq_sum.sqrt() if self._grad_sq_sum is not None else torch.zeros(())
 
     def _run_pre_hooks(self) -> None:
         self._pre_hooks_ran = True

@@ -6,6 +6,8 @@ shape m x k) or ``full`` (both, P^T G Q^T of shape k x k), with k = min(rank, m,
 in the optimizer state as tensors; nothing here holds state.
 """
 
+import functools
+
 import torch
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -86,11 +88,28 @@ def randomized_basis(matrix: torch.Tensor, k: int, side: str, oversample: int, p
     return (None, ritz.T) if iterate_right else (ritz, None)
 
 
-def default_sketch_dtype(device: torch.device) -> torch.dtype:
+SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def sketch_dtype_for(option: str, grad: torch.Tensor) -> torch.dtype:
+    """The dtype of a randomized refresh's large products: ``option`` is auto, float32 or bfloat16.
+
+    auto lowers float32 and bfloat16 gradients to ``default_sketch_dtype`` of their device, but
+    keeps float64 gradients in float64: asking for float64 is asking for its precision.
+    """
+    if option != "auto":
+        return SKETCH_DTYPES[option]
+    if grad.dtype == torch.float64:
+        return torch.float64
+    return default_sketch_dtype(grad.device.type)
+
+
+@functools.cache
+def default_sketch_dtype(device_type: str) -> torch.dtype:
     """bfloat16 where matmuls run natively in it (CUDA, CPUs with AVX512-BF16 or AMX), else float32."""
-    if device.type == "cuda":
+    if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
+    if device_type == "cpu":
         caps = torch.cpu.get_capabilities()
         return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else torch.float32
     return torch.float32

@@ -114,18 +114,29 @@ def _orthonormal_rows(y: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor
 
 
 def randomized_basis(grad: DTensor, k: int, side: str, oversample: int, power_iters: int,
-                     generator: torch.Generator) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``projector.randomized_basis`` on row shards: the same test matrix and Rayleigh-Ritz extraction."""
+                     generator: torch.Generator, sketch_dtype: torch.dtype | None = None
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``projector.randomized_basis`` on row shards: the same test matrix and Rayleigh-Ritz extraction.
+
+    The products with the local rows run in ``sketch_dtype`` (None: the gradient's), as on one
+    device; the sums over ranks, QRs and small eigenproblems run in the working dtype.
+    """
     group = _group_of(grad)
     a = _working(grad.to_local())
+    dtype = a.dtype
+    s = a.to(sketch_dtype or dtype)
+
+    def times(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return (left.to(s.dtype) @ right.to(s.dtype)).to(dtype)
+
     m, n = grad.shape
     width = min(k + oversample, m, n)
     iterate_right = side == "right" or (side == "full" and n <= m)
     if iterate_right:  # x is n x width, replicated; products with G are row-sharded
-        x = torch.randn(n, width, generator=generator, device=a.device, dtype=a.dtype)
+        x = torch.randn(n, width, generator=generator, device=a.device, dtype=dtype)
         for _ in range(power_iters):
-            x = torch.linalg.qr(_all_reduce(a.T @ (a @ x), group)).Q
-        c = a @ x
+            x = torch.linalg.qr(_all_reduce(times(s.T, times(s, x)), group)).Q
+        c = times(s, x)
         if side == "full":
             q_c = _orthonormal_rows(c, group)
             u_r, _, wh = torch.linalg.svd(_all_reduce(q_c.T @ c, group))
@@ -133,10 +144,10 @@ def randomized_basis(grad: DTensor, k: int, side: str, oversample: int, power_it
         _, w = torch.linalg.eigh(_all_reduce(c.T @ c, group))
         return None, (x @ w[:, -k:].flip(-1)).T
     start, stop = row_range(grad)  # x is m x width, sharded by rows like the weight
-    x = torch.randn(m, width, generator=generator, device=a.device, dtype=a.dtype)[start:stop]
+    x = torch.randn(m, width, generator=generator, device=a.device, dtype=dtype)[start:stop]
     for _ in range(power_iters):
-        x = _orthonormal_rows(a @ _all_reduce(a.T @ x, group), group)
-    c = _all_reduce(a.T @ x, group)
+        x = _orthonormal_rows(times(s, _all_reduce(times(s.T, x), group)), group)
+    c = _all_reduce(times(s.T, x), group)
     if side == "full":
         u_c, _, wh = torch.linalg.svd(c, full_matrices=False)
         return x @ wh[:k].T, u_c[:, :k].T
@@ -278,7 +289,8 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
             else:
                 generator = torch.Generator(device=device)
                 generator.manual_seed((ordinal + 1) * 1_000_003 + step)  # as GaLoreAdamW: same draws on every rank
-                left, right = randomized_basis(grad, k, side, group["oversample"], group["power_iters"], generator)
+                left, right = randomized_basis(grad, k, side, group["oversample"], group["power_iters"], generator,
+                                               projector.sketch_dtype_for(group["sketch_dtype"], grad.to_local()))
                 if "proj_left" in state and left is not None:
                     left = _aligned_rows(left, state["proj_left"].to(left.dtype), comm)
                 if "proj_right" in state and right is not None:

@@ -141,6 +141,10 @@ def validate(cfg: DictConfig, source: str) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise UserError(f"{source}: '{key}' must not be negative, got {_get(cfg, key)}")
+    if _get(cfg, "optim.layerwise") and _get(cfg, "trainer.grad_clip") > 0:
+        raise UserError(f"{source}: 'trainer.grad_clip' ({_get(cfg, 'trainer.grad_clip')}) cannot combine with "
+                        "'optim.layerwise': each parameter steps inside backward, before the global norm exists. "
+                        "Set trainer.grad_clip=0 and optim.layerwise_clip to clip each parameter instead")
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:

@@ -1,7 +1,6 @@
 """Save schedule, exact resume and resume policy of leantrain.checkpoint.manager.Checkpointer."""
 
 import json
-import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +15,7 @@ from leantrain.checkpoint.config import CheckpointConfig
 from leantrain.checkpoint.disk import CheckpointError, find_checkpoints
 from leantrain.checkpoint.manager import Checkpointer
 from leantrain.errors import UserError
+from support import exit_rank, free_port
 
 FINGERPRINT = {"model": {"dim": 4, "layers": 1}, "optim": {"lr": 0.01}}
 
@@ -297,12 +297,6 @@ def test_save_final_writes_safetensors_on_rank_0_only(tmp_path):
     assert torch.equal(loaded["embed.weight"], weight) and torch.equal(loaded["head.weight"], weight)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def gloo_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -324,6 +318,7 @@ def gloo_worker(rank: int, world_size: int, port: int, run_dir: str) -> None:
         assert torch.equal(restored_mine.tensors["r"], torch.full((3,), 10.0 + rank))
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_two_processes_with_gloo(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ One spawn of 2 ranks runs every scenario; the single-process references run in t
 
 import contextlib
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from leantrain.moe.balance import BalanceCollector
 from leantrain.moe.config import MoEConfig
 from leantrain.moe.layer import MoELayer
 from leantrain.moe.router import Routing
+from support import exit_rank, free_port
 
 VOCAB, DIM, HIDDEN, EXPERTS, TOP_K, SEQ = 64, 32, 64, 4, 2, 16
 STEPS, ACCUMULATION, MICRO_BATCH = 5, 2, 2  # micro-batch per rank; one process takes 2 * MICRO_BATCH
@@ -143,12 +143,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()  # neither rank tears its connections down while the other still uses them
     dist.destroy_process_group()
+    exit_rank()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import io
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from torch import nn
 
 from leantrain.errors import UserError
 from leantrain.optim.frugal import FRUGAL, subspace_size
+from support import exit_rank, free_port, script_env
 
 SHAPES = {"tall": (12, 6), "wide": (6, 12), "square": (8, 8)}
 SPLIT_SELECTIONS = ("columns", "rows", "randk", "svd", "random")
@@ -361,11 +361,6 @@ def test_non_matrix_in_split_group_raises_user_error():
 # --- data parallel -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 DDP_CASES = [("block", "random"), ("columns", None), ("rows", None), ("randk", None), ("svd", None), ("random", None)]
 
@@ -407,7 +402,7 @@ def test_identical_choices_on_two_ddp_ranks():
     # Each rank runs this file as a script: pytest's importlib mode leaves the test module unimportable
     # by name, so torch.multiprocessing.spawn could not unpickle the worker.
     port = str(free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = script_env()
     ranks = [subprocess.Popen([sys.executable, __file__, str(rank), "2", port], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
@@ -417,3 +412,4 @@ def test_identical_choices_on_two_ddp_ranks():
 
 if __name__ == "__main__":
     _ddp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    exit_rank()

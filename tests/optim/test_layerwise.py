@@ -22,7 +22,7 @@ from leantrain.optim.galore import GaLoreAdamW
 from leantrain.optim.groups import low_rank_groups
 from leantrain.optim.layerwise import LayerwiseOptimizer
 from leantrain.optim.natural_galore import NaturalGaLoreAdamW
-from support import free_port
+from support import exit_rank, free_port
 
 VOCAB, DIM = 24, 8
 
@@ -147,8 +147,25 @@ def test_gradients_are_freed_and_parameters_updated_inside_backward():
     loss_of(model, tokens[1]).backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    norm = optimizer.clip_grad_norm_(model.parameters(), float("inf"))  # where a loop clips, before step()
     optimizer.step()
-    assert optimizer.grad_norm is not None and optimizer.grad_norm > 0
+    assert optimizer.grad_norm > 0 and torch.equal(norm, optimizer.grad_norm)
+    with pytest.raises(UserError, match="optim.layerwise_clip"):
+        optimizer.clip_grad_norm_(model.parameters(), 1.0)
+
+
+def test_grad_norm_is_the_global_norm_before_clipping():
+    torch.manual_seed(0)
+    base = Toy()
+    tokens = batches(9, steps=1, accum=1)[0][0]
+    plain = copy.deepcopy(base)
+    loss_of(plain, tokens).backward()
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), float("inf"))
+    layer = copy.deepcopy(base)
+    optimizer = LayerwiseOptimizer(layer.parameters(), torch.optim.SGD, lr=0.1, clip_norm=0.01)
+    loss_of(layer, tokens).backward()
+    optimizer.step()
+    torch.testing.assert_close(optimizer.grad_norm, expected)
 
 
 def test_pre_hooks_run_once_before_the_first_update():
@@ -268,6 +285,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_layerwise_under_two_process_ddp_equals_plain_ddp(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
 import copy
 import io
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from torch import nn
 from leantrain.errors import UserError
 from leantrain.optim.groups import count_state_bytes
 from leantrain.optim.lisa import LISA, find_layer_list, sample_layers
+from support import exit_rank, free_port, script_env
 
 VOCAB, DIM, N_BLOCKS = 32, 8, 6
 
@@ -267,11 +267,6 @@ def test_hf_llama_trains_embedding_head_norm_and_the_active_blocks():
 # --- data parallel -------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world_size: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -316,7 +311,7 @@ def test_two_ddp_ranks_draw_the_same_blocks_and_match_one_process():
     # Each rank runs this file as a script: pytest's importlib mode leaves the test module unimportable
     # by name, so torch.multiprocessing.spawn could not unpickle the worker.
     port = str(free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = script_env()
     ranks = [subprocess.Popen([sys.executable, __file__, str(rank), "2", port], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
     outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
@@ -326,3 +321,4 @@ def test_two_ddp_ranks_draw_the_same_blocks_and_match_one_process():
 
 if __name__ == "__main__":
     _ddp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    exit_rank()

@@ -80,3 +80,9 @@ def test_fingerprint_ignores_resumable_keys_only():
                                                           "checkpoint.interval=7", "trainer.run_dir=elsewhere"]))
     assert base != fingerprint(load_config("quickstart", ["optim.lr=0.5"]))
     assert "optim.lr" in base and "model.norm" in base
+
+
+def test_global_clipping_with_layerwise_updates_is_an_error():
+    with pytest.raises(UserError, match="trainer.grad_clip.*optim.layerwise_clip"):
+        load_config("quickstart", ["optim.layerwise=true"])
+    assert load_config("quickstart", ["optim.layerwise=true", "trainer.grad_clip=0"]).optim.layerwise
