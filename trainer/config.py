@@ -14,7 +14,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..checkpoint.config import CheckpointConfig
+from ..checkpoint.config import EC_LIBRARIES, MODES, CheckpointConfig
 from ..errors import UserError
 from ..moe.config import MoEConfig
 from ..nn.config import ModelConfig
@@ -85,6 +85,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.impl": LOSS_IMPLS,
     "parallel.backend": BACKENDS,
     "logging.wandb.mode": WANDB_MODES,
+    "checkpoint.mode": MODES,
+    "checkpoint.ec.library": EC_LIBRARIES,
     "trainer.dtype": ("bf16", "fp32"),
     "trainer.device": ("auto", "cpu", "cuda"),
 }
