@@ -24,6 +24,7 @@ import ctypes
 import gc
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             res["extra"].append(mem.extra)
             res["loss"] = loss
             print(f"repeat {r} {name:9s} loss {loss:.6f}  {wall:7.2f} s wall  {cpu:7.2f} s cpu  "
-                  f"peak extra {mem.extra / 2**20:9.1f} MiB", flush=True)
+                  f"peak extra {mem.extra / 2**20:9.1f} MiB", file=sys.stderr, flush=True)
 
     summary = {"shape": {"tokens": n, "dim": d, "vocab": v, "dtype": "fp32"}, "threads": torch.get_num_threads(),
                "grad_bytes": grad_bytes, "methods": {}}

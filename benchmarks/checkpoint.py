@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
                 detail = (f" (so far: waits {stats.wait_s:.2f} s, settling {stats.settle_s:.2f} s, "
                           f"backpressure {stats.backpressure_s:.2f} s)")
             print(f"  repeat {repeat}: {name:12s} {results[name][-1][0]:9.1f} tokens/s, "
-                  f"stall {results[name][-1][1] * 1e3:9.1f} ms{detail}", flush=True)
+                  f"stall {results[name][-1][1] * 1e3:9.1f} ms{detail}", file=sys.stderr, flush=True)
 
     # Throughput against no checkpoint: the median of per-repeat ratios, each between segments run
     # back to back, moves least with the load of a shared machine.
