@@ -26,11 +26,27 @@ def exit_rank() -> None:
     os._exit(0)
 
 
-def script_env() -> dict[str, str]:
-    """The environment for a test file run as a rank script: one thread, ``support`` importable."""
+def run_rank_scripts(script: str, world_size: int, timeout: float = 120) -> None:
+    """Run ``python SCRIPT RANK WORLD_SIZE PORT`` once per rank and assert that every rank succeeds.
+
+    For test files whose ``__main__`` runs a gloo worker: pytest's importlib mode leaves a test
+    module unimportable by name, so torch.multiprocessing.spawn could not unpickle its workers.
+    """
     tests = str(Path(__file__).resolve().parent)
     path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)  # one thread each; `support` importable
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, script, str(rank), str(world_size), port], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world_size)]
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in ranks]
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, output) in enumerate(zip(ranks, outputs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output}"
 
 
 def run_leantrain(args: list[str], cwd: Path | None = None, timeout: float = 300,

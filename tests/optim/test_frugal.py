@@ -2,7 +2,6 @@
 
 import io
 import os
-import subprocess
 import sys
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 from leantrain.errors import UserError
 from leantrain.optim.frugal import FRUGAL, subspace_size
-from support import exit_rank, free_port, script_env
+from support import exit_rank, run_rank_scripts
 
 SHAPES = {"tall": (12, 6), "wide": (6, 12), "square": (8, 8)}
 SPLIT_SELECTIONS = ("columns", "rows", "randk", "svd", "random")
@@ -399,15 +398,7 @@ def _ddp_worker(rank: int, world_size: int, port: int) -> None:
 
 
 def test_identical_choices_on_two_ddp_ranks():
-    # Each rank runs this file as a script: pytest's importlib mode leaves the test module unimportable
-    # by name, so torch.multiprocessing.spawn could not unpickle the worker.
-    port = str(free_port())
-    env = script_env()
-    ranks = [subprocess.Popen([sys.executable, __file__, str(rank), "2", port], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
-    for proc, output in zip(ranks, outputs):
-        assert proc.returncode == 0, output
+    run_rank_scripts(__file__, 2)
 
 
 if __name__ == "__main__":

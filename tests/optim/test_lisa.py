@@ -3,7 +3,6 @@
 import copy
 import io
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ from torch import nn
 from leantrain.errors import UserError
 from leantrain.optim.groups import count_state_bytes
 from leantrain.optim.lisa import LISA, find_layer_list, sample_layers
-from support import exit_rank, free_port, script_env
+from support import exit_rank, run_rank_scripts
 
 VOCAB, DIM, N_BLOCKS = 32, 8, 6
 
@@ -308,15 +307,7 @@ def _ddp_worker(rank: int, world_size: int, port: int) -> None:
 
 
 def test_two_ddp_ranks_draw_the_same_blocks_and_match_one_process():
-    # Each rank runs this file as a script: pytest's importlib mode leaves the test module unimportable
-    # by name, so torch.multiprocessing.spawn could not unpickle the worker.
-    port = str(free_port())
-    env = script_env()
-    ranks = [subprocess.Popen([sys.executable, __file__, str(rank), "2", port], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    outputs = [proc.communicate(timeout=120)[0] for proc in ranks]
-    for proc, output in zip(ranks, outputs):
-        assert proc.returncode == 0, output
+    run_rank_scripts(__file__, 2)
 
 
 if __name__ == "__main__":
