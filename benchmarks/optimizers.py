@@ -288,7 +288,7 @@ def report(state: dict | None, memory: dict | None, args: argparse.Namespace, me
           f"({meta['arch']}), load average {' '.join(map(str, meta['load_average']))} at the end")
     if state:
         print(f"\n130m block weights ({state['_weights_bytes'] / MiB:.0f} MiB fp32), rank {RANK}, gap {GAP}; best of "
-              f"{args.rounds} interleaved round(s); amortized = (refresh + {GAP - 1} x ordinary) / {GAP}; "
+              f"{meta.get('rounds', args.rounds)} interleaved round(s); amortized = (refresh + {GAP - 1} x ordinary) / {GAP}; "
               f"CPU = process CPU time over all threads, steadier than wall time when the machine is loaded\n")
         print("| optimizer | state MiB | ordinary ms | refresh s | amortized ms | ordinary CPU ms | refresh CPU s "
               "| amortized CPU ms |")
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         return saved
     state = state_and_time(args) if args.part in ("all", "state") else None
     memory = peak_memory(args) if args.part in ("all", "memory") else None
-    meta = machine()
+    meta = {**machine(), "rounds": args.rounds}
     checks = report(state, memory, args, meta)
     results = {"machine": meta, "state_and_time": state, "peak_memory": memory, "checks": checks}
     if args.json:
