@@ -1,4 +1,4 @@
-"""The ``leantrain`` command: train, prepare-data, export, plot.
+"""The ``leantrain`` command: train, prepare-data, export, estimate, plot.
 
 User mistakes (``UserError``) end in one line on stderr and exit code 2, without a traceback.
 """
@@ -30,6 +30,12 @@ def _export(args: argparse.Namespace) -> int:
     return export_main(args.rest)
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate_main
+
+    return estimate_main(args.rest)
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .plot import plot_main
 
@@ -55,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("rest", nargs=argparse.REMAINDER)
     export.set_defaults(run=_export)
 
+    estimate = commands.add_parser("estimate", help="per-rank memory plan of a config (add --measure to check it)",
+                                   add_help=False)
+    estimate.add_argument("rest", nargs=argparse.REMAINDER)
+    estimate.set_defaults(run=_estimate)
+
     plot = commands.add_parser("plot", help="plot loss curves of runs into a PNG", add_help=False)
     plot.add_argument("rest", nargs=argparse.REMAINDER)
     plot.set_defaults(run=_plot)
@@ -71,7 +82,14 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # Verbs that parse their own arguments get options that come before their first positional
+        # (`leantrain estimate --help`), which the REMAINDER argument alone does not capture.
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = [*unknown, *args.rest]
     return run_guarded(lambda: args.run(args))
 
 
