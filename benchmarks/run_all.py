@@ -58,6 +58,13 @@ BENCHMARKS = (
     Benchmark("checkpoint", "checkpoint.py", ("--preset", "130m", "--repeats", "3"),
               ("--preset", "60m", "--batch", "1", "--seq-len", "32", "--steps", "1", "--repeats", "1",
                "--modes", "none,ours", "--ec-mb", "8"), min_memory_gb=20),
+    # Ten training runs one after another (30-45 minutes on 2 cores); quick: a 64-wide model, a few steps.
+    Benchmark("quality", "quality.py", (),
+              ("--steps", "4", "--finetune-steps", "2", "--runs-dir", "runs/quality-quick", "--results",
+               "runs/quality-quick/results", "--set", "model.dim=64", "model.n_layers=2", "model.n_heads=4",
+               "model.n_kv_heads=2", "model.intermediate_size=128", "data.seq_len=64", "trainer.global_batch_size=4",
+               "trainer.micro_batch_size=4", "trainer.eval_batches=2")),
+    Benchmark("galore_memory", "galore_memory.py", (), ()),
     Benchmark("cce_gpu", "cce_gpu.py", (), ("--shapes", "llama3", "--repeats", "2", "--warmup", "1"),
               needs_cuda=True),
     Benchmark("offload_gpu", "offload_gpu.py", (), ("--preset", "60m", "--steps", "2", "--warmup", "1"),

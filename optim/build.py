@@ -17,7 +17,11 @@ from .natural_galore import NaturalGaLoreAdamW
 from .offload import OffloadOptimizer
 from .projector import PROJ_TYPES, SVD_METHODS
 
-OPTIMIZERS = ("adamw", "galore", "natural_galore", "frugal", "lisa")
+OPTIMIZERS = ("adamw", "galore", "natural_galore", "apollo", "frugal", "lisa")
+FREEZING_OPTIMIZERS = ("lisa",)
+"""Optimizers that switch parameters' ``requires_grad`` during training (DDP must look for unused ones)."""
+APOLLO_MISSING = ("optim.name=apollo needs the apollo-torch package (a peer library, not a runtime dependency): "
+                  "pip install apollo-torch, or pip install 'leantrain[dev]'")
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.optim.Optimizer:
@@ -39,6 +43,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.
         kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     elif cfg.name in ("galore", "natural_galore"):
         groups, optimizer_class, kwargs = _low_rank_setup(cfg, model)
+    elif cfg.name == "apollo":
+        groups, optimizer_class, kwargs = _apollo_setup(cfg, model)
     elif cfg.name == "frugal":
         groups = low_rank_groups(model, cfg.target_modules, cfg.weight_decay, {"projectable": True})
         optimizer_class = FRUGAL
@@ -100,6 +106,33 @@ def _low_rank_setup(cfg: OptimConfig, model: nn.Module) -> tuple[list[dict], typ
     if cfg.damping <= 0:
         raise UserError(f"optim.damping must be positive, got {cfg.damping}")
     return groups, NaturalGaLoreAdamW, {**kwargs, "history": cfg.history, "damping": cfg.damping}
+
+
+def _apollo_setup(cfg: OptimConfig, model: nn.Module) -> tuple[list[dict], type[torch.optim.Optimizer], dict]:
+    """APOLLO from apollo-torch (imported only here): GaLore's param groups plus its projection and scaling."""
+    try:
+        from .apollo import APOLLO, PROJ_TYPES as APOLLO_PROJ_TYPES, PROJECTIONS, SCALE_TYPES
+    except ImportError:
+        raise UserError(APOLLO_MISSING) from None
+    if cfg.layerwise or cfg.offload != "none":
+        raise UserError("optim.name=apollo runs as one optimizer after backward; set optim.layerwise=false and "
+                        "optim.offload=none")
+    for key, value in (("rank", cfg.rank), ("update_proj_gap", cfg.update_proj_gap)):
+        if not (isinstance(value, int) and value >= 1):
+            raise UserError(f"optim.{key} must be a positive integer, got {value!r}")
+    a = cfg.apollo
+    if a.scale <= 0:
+        raise UserError(f"optim.apollo.scale must be positive, got {a.scale}")
+    for key, value, choices in (("proj_type", cfg.proj_type, APOLLO_PROJ_TYPES),
+                                ("apollo.proj", a.proj, PROJECTIONS), ("apollo.scale_type", a.scale_type, SCALE_TYPES)):
+        if value not in choices:
+            raise UserError(f"optim.{key}={value!r} with optim.name=apollo; choose one of {', '.join(choices)}")
+    projection = dict(rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=a.scale, proj_type=cfg.proj_type,
+                      proj=a.proj, scale_type=a.scale_type)
+    groups = low_rank_groups(model, cfg.target_modules, cfg.weight_decay, projection)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, scale_front=a.scale_front,
+                  disable_nl=not a.norm_growth_limiter)
+    return groups, APOLLO, kwargs
 
 
 def _split_for_stagger(groups: list[dict], stagger: bool | int) -> list[dict]:

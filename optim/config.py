@@ -39,9 +39,23 @@ class LisaConfig:
 
 
 @dataclass
+class ApolloConfig:
+    scale: float = 1.0
+    """Multiplier of the scaled update (apollo-torch's documented default for APOLLO; 128 for APOLLO-Mini)."""
+    scale_type: str = "channel"
+    """Gradient scaling: channel (APOLLO) | tensor (APOLLO-Mini, with optim.rank=1)."""
+    proj: str = "random"
+    """Auxiliary subspace: random (seeded Gaussian, no SVD) | svd."""
+    scale_front: bool = False
+    """Apply the scale before the norm-growth limiter (the authors' choice for short warmups)."""
+    norm_growth_limiter: bool = True
+    """Fira's norm-growth limiter on the scaled update (apollo-torch's default)."""
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
-    """Optimizer: adamw | galore | natural_galore | frugal | lisa."""
+    """Optimizer: adamw | galore | natural_galore | apollo | frugal | lisa."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -59,15 +73,15 @@ class OptimConfig:
     decay_fraction: float = 0.2
     """wsd: fraction of max_steps spent in the final decay."""
     rank: int = 128
-    """galore, natural_galore: dimension of each projected gradient (capped at the matrix's smaller side)."""
+    """galore, natural_galore, apollo: dimension of each projected gradient (capped at the matrix's smaller side)."""
     update_proj_gap: int = 200
-    """galore, natural_galore: steps between refreshes of a matrix's projection subspace."""
+    """galore, natural_galore, apollo: steps between refreshes of a matrix's projection subspace."""
     scale: float = 0.25
     """galore, natural_galore: multiplier of the update projected back to the full space."""
     proj_type: str = "std"
-    """galore, natural_galore: projected side: std | reverse_std | left | right | full."""
+    """galore, natural_galore (and apollo, without full): projected side: std | reverse_std | left | right | full."""
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    """galore, natural_galore: regexes; 2-D nn.Linear weights of modules whose name matches one are projected."""
+    """galore, natural_galore, apollo, frugal: regexes; 2-D nn.Linear weights of matching modules are projected."""
     svd: str = "exact"
     """galore, natural_galore: subspace refresh: exact (full SVD, as galore-torch) | randomized (range finder)."""
     switch: str = "keep"
@@ -84,6 +98,7 @@ class OptimConfig:
     """layerwise: clip each parameter's gradient norm to this (global clipping is impossible); 0 disables."""
     frugal: FrugalConfig = field(default_factory=FrugalConfig)
     lisa: LisaConfig = field(default_factory=LisaConfig)
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
     offload: str = "none"
     """Optimizer state and fp32 masters in host memory: none | cpu | interleaved (host/GPU split planned per step)."""
     offload_subgroup_size: int = 100_000_000

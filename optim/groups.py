@@ -28,13 +28,36 @@ def decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 
 def count_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's state tensors (exact, from the tensors themselves)."""
+    """Bytes held in the optimizer's state tensors (exact, from the tensors themselves).
+
+    Tensors inside state objects (peer libraries' projectors) count too, each tensor once; a sharded
+    ``DTensor`` counts its local shard, so the figure is this rank's memory.
+    """
+    seen: set[int] = set()
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
+            for tensor in _tensors_in(value):
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor: this shard
+                    total += local.numel() * local.element_size()
     return total
+
+
+def _tensors_in(value: Any, depth: int = 3) -> list[torch.Tensor]:
+    """The tensors in a state value: itself, or inside containers and plain objects (a few levels deep)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v, depth - 1)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v, depth - 1)]
+    if hasattr(value, "__dict__") and not isinstance(value, type):
+        return [t for v in vars(value).values() for t in _tensors_in(v, depth - 1)]
+    return []
 
 
 def low_rank_groups(model: nn.Module, target_modules: Iterable[str], weight_decay: float,

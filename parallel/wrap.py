@@ -80,11 +80,13 @@ class DataParallelEngine:
 
 def build_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, world: World,
                  make_optimizer: Callable[[], Optimizer], *, grad_clip: float, micro_batch_size: int,
-                 accumulation_steps: int) -> DataParallelEngine:
+                 accumulation_steps: int, freezes_parameters: bool = False) -> DataParallelEngine:
     """Wrap ``loss_module`` (which holds ``model``) for ``parallel.backend`` and build its optimizer.
 
     ``make_optimizer`` is called after the wrapping, so it sees the parameters the backend trains
     (FSDP2's sharded DTensors). ``micro_batch_size`` and ``accumulation_steps`` are per rank.
+    ``freezes_parameters``: the optimizer switches ``requires_grad`` during training (LISA), so DDP
+    must find the parameters without gradients at every step (see ``wrap_model``).
     """
     if cfg.backend not in BACKENDS:
         raise UserError(f"parallel.backend: unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -97,18 +99,30 @@ def build_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, 
 
         return build_deepspeed_engine(loss_module, model, cfg, world, make_optimizer, grad_clip=grad_clip,
                                       micro_batch_size=micro_batch_size, accumulation_steps=accumulation_steps)
-    module = wrap_model(loss_module, cfg, world)
+    module = wrap_model(loss_module, cfg, world, find_unused_parameters=freezes_parameters)
     optimizer = make_optimizer()
     if isinstance(module, DistributedDataParallel) and hasattr(optimizer, "attach_ddp"):
         optimizer.attach_ddp(module)
     return DataParallelEngine(module, model, optimizer, grad_clip)
 
 
-def wrap_model(module: nn.Module, cfg: ParallelConfig, world: World) -> nn.Module:
-    """Return ``module`` wrapped in DDP (unchanged in a single process)."""
+def wrap_model(module: nn.Module, cfg: ParallelConfig, world: World, find_unused_parameters: bool = False) -> nn.Module:
+    """Return ``module`` wrapped in DDP (unchanged in a single process).
+
+    DDP registers a gradient hook on every parameter that requires gradients when it is built and,
+    by default, waits for all of them in each backward. An optimizer that freezes parameters for a
+    while (LISA switches its active blocks every ``interval`` steps) needs ``find_unused_parameters``:
+    each forward then walks the autograd graph and marks the frozen parameters ready, and since they
+    are unused on every rank their ``.grad`` stays None. ``static_graph`` would not do: it assumes the
+    set of used parameters never changes. The walk costs a little per step, so it is on only then.
+    DDP rebuilds its buckets once, before the second step, in the order the first step's gradients
+    became ready (frozen parameters count as ready at once); later switches keep that order, which
+    only changes how communication overlaps backward, never the reduced values.
+    """
     if cfg.backend not in BACKENDS:
         raise UserError(f"parallel.backend: unknown backend {cfg.backend!r}; choose one of {', '.join(BACKENDS)}")
     if not world.distributed:
         return module
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=cfg.ddp_bucket_mb)
+    return DistributedDataParallel(module, device_ids=device_ids, bucket_cap_mb=cfg.ddp_bucket_mb,
+                                   find_unused_parameters=find_unused_parameters)

@@ -18,10 +18,15 @@ def run_label(run_dir: Path) -> str:
     optim = cfg.get("optim", {})
     name = optim.get("name", "?")
     details = [f"lr={optim.get('lr')}"]
-    if name in ("galore", "natural_galore"):
+    if name in ("galore", "natural_galore", "apollo"):
         details.append(f"rank={optim.get('rank')}")
+    if name in ("galore", "natural_galore") and optim.get("svd", "exact") != "exact":
+        details.append(f"svd={optim['svd']}")
     if name == "frugal":
-        details.append(f"density={optim.get('density')}")
+        frugal = optim.get("frugal", {})
+        details.append(f"{frugal.get('selection')}, density={frugal.get('density')}")
+    if name == "lisa":
+        details.append(f"blocks={optim.get('lisa', {}).get('n_layers')}")
     if cfg.get("model", {}).get("hf"):
         details.append(Path(cfg["model"]["hf"]).name)
     return f"{run_dir.name}: {name} ({', '.join(details)})"
