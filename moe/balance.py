@@ -47,6 +47,46 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.logsumexp(-1).square().mean()
 
 
+def domain_concentration(counts: torch.Tensor, top_n: int) -> torch.Tensor:
+    """How specialised each domain's routing is: [domains, E] routed pairs -> [domains].
+
+    The share of a domain's (token, expert) pairs that go to its ``top_n`` most used experts: top_n / E
+    when the domain spreads its tokens evenly over all experts, 1 when it always uses the same top_n. With
+    top_n = top_k this is the sum of the domain's k largest expert-selection frequencies: one number per
+    domain for the per-domain selection frequencies by which "Demons in the Detail" shows that global
+    balancing lets experts specialise. A domain with no pairs gets 0.
+    """
+    share = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return share.topk(top_n, dim=-1).values.sum(-1)
+
+
+def domain_routing_metrics(domain_counts: dict[int, torch.Tensor], domain_names: Sequence[str], top_n: int,
+                           prefix: str) -> dict[str, float]:
+    """Routing of domain-labelled tokens, from per-layer [domains, E] routed pairs.
+
+    ``{prefix}layer{i}/concentration/{domain}`` (see ``domain_concentration``) and its mean over layers,
+    ``{prefix}concentration/{domain}``; ``{prefix}layer{i}/max_load``, the most used expert's load over all
+    domains relative to a uniform one, and its mean over layers, ``{prefix}max_load``. High concentration with a
+    max load near 1 is specialisation: the domains use different experts. High concentration with a high max load
+    is collapse: every domain crowds onto the same experts.
+    """
+    out: dict[str, float] = {}
+    layers = sorted(domain_counts)
+    concentration = {layer: domain_concentration(domain_counts[layer], top_n) for layer in layers}
+    for d, name in enumerate(domain_names):
+        for layer in layers:
+            out[f"{prefix}layer{layer}/concentration/{name}"] = concentration[layer][d].item()
+        if layers:
+            mean = sum(concentration[layer][d].item() for layer in layers) / len(layers)
+            out[f"{prefix}concentration/{name}"] = mean
+    for layer in layers:
+        load = domain_counts[layer].sum(0)
+        out[f"{prefix}layer{layer}/max_load"] = (load.max() * load.numel() / load.sum().clamp_min(1)).item()
+    if layers:
+        out[f"{prefix}max_load"] = sum(out[f"{prefix}layer{layer}/max_load"] for layer in layers) / len(layers)
+    return out
+
+
 def _in_backward() -> bool:
     # Activation checkpointing reruns the forward from inside the autograd engine; that rerun
     # must not count the same tokens again. FSDP2 tells its backward-time calls apart the same way.
@@ -240,6 +280,10 @@ class BalanceCollector:
         """Per layer, the [E] routed pairs per expert so far in this window (all ranks' in global mode)."""
         return dict(self._window_counts)
 
+    def domain_counts(self) -> dict[int, torch.Tensor]:
+        """Per layer, [domains, E]: the routed pairs of each domain per expert so far in this window (this rank's)."""
+        return {layer: counts.clone() for layer, counts in self._window_domain_counts.items()}
+
     def domain_frequencies(self) -> dict[int, torch.Tensor]:
         """Per layer, [domains, E]: the share of each domain's routed pairs that went to each expert."""
         return {layer: counts / counts.sum(-1, keepdim=True).clamp_min(1)
@@ -247,10 +291,9 @@ class BalanceCollector:
 
     def metrics(self) -> dict[str, float]:
         """Window means: ``moe/lbl`` and ``moe/z_loss`` averaged over layers (without coefficients; the
-        LBL is 1 at perfect balance); per layer the largest and smallest expert load relative to a
-        uniform one; per domain the routing concentration (mean over layers of the share of the
-        domain's pairs that its top_k most used experts take: top_k / N_E when spread evenly, 1 when
-        the domain always uses the same experts)."""
+        LBL is 1 at perfect balance); per layer its LBL and the largest and smallest expert load
+        relative to a uniform one; per domain the routing concentration (``domain_concentration`` with
+        top_n = top_k, averaged over layers)."""
         if not self._micro_steps:
             return {}
         steps = self._micro_steps
@@ -259,14 +302,14 @@ class BalanceCollector:
         if self._micro_lbl_sum:
             out["moe/micro_lbl"] = sum(v.item() for v in self._micro_lbl_sum.values()) / len(self._micro_lbl_sum) / steps
         for layer, counts in sorted(self._window_counts.items()):
+            out[f"moe/layer{layer}/lbl"] = self._lbl_sum[layer].item() / steps
             load = counts * (self.num_experts / counts.sum())
             out[f"moe/layer{layer}/max_load"] = load.max().item()
             out[f"moe/layer{layer}/min_load"] = load.min().item()
-        freqs = self.domain_frequencies()
-        if freqs:
+        if self._window_domain_counts:
             for d, name in enumerate(self.domain_names):
-                seen = [f[d] for layer, f in freqs.items() if self._window_domain_counts[layer][d].sum() > 0]
+                seen = [counts[d] for counts in self._window_domain_counts.values() if counts[d].sum() > 0]
                 if seen:
-                    top = [f.topk(self.top_k).values.sum().item() for f in seen]
+                    top = [domain_concentration(counts, self.top_k).item() for counts in seen]
                     out[f"moe/concentration/{name}"] = sum(top) / len(top)
         return out

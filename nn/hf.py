@@ -5,10 +5,13 @@
   with a ``model.`` prefix. Importing this module registers both with the Auto classes.
 * ``load_hf_model`` / ``HFCausalLMAdapter``: any local HF causal LM trained through leantrain's loss seam
   (``forward(tokens) -> final hidden states`` and ``head_weight``), with the HF model's own parameter names.
+  The router logits of HF MoE models (Mixtral, Qwen2-MoE, OLMoE, ...) feed leantrain's ``BalanceCollector``,
+  so their load-balancing loss is leantrain's (micro, sequence or global) rather than HF's micro-batch one.
 """
 
 import dataclasses
 import inspect
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import UserError
+from ..moe.balance import BalanceCollector
+from ..moe.config import MoEConfig, check_moe_config
+from ..moe.router import Routing
 from .config import ModelConfig
 from .loss import IGNORE_INDEX
 from .model import PRESETS, Transformer, resolve_model_config
@@ -186,6 +192,33 @@ def register_auto_classes() -> None:
 # ---- any HF causal LM through leantrain's loss seam ---------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterShape:
+    """The routing of an HF MoE model, read from its config."""
+
+    num_experts: int
+    top_k: int
+    renormalize: bool
+    """Whether the k chosen probabilities are rescaled to sum to 1 (Mixtral; Qwen2-MoE's norm_topk_prob)."""
+
+
+def router_shape(hf_model: PreTrainedModel, setting: str = HF_SETTING) -> RouterShape | None:
+    """The routers of an HF MoE model whose class computes the softmax load-balancing loss from its router
+    logits (its modeling module defines ``load_balancing_loss_func``: Mixtral, Qwen2/3-MoE, OLMoE, ...);
+    None for dense models and for MoE models that balance otherwise (sigmoid routers with bias updates)."""
+    config = hf_model.config.get_text_config()
+    module = sys.modules.get(type(hf_model).__module__)
+    if not hasattr(config, "output_router_logits") or not hasattr(module, "load_balancing_loss_func"):
+        return None
+    num_experts = next((getattr(config, name) for name in ("num_local_experts", "num_experts")
+                        if isinstance(getattr(config, name, None), int)), None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not isinstance(num_experts, int) or not isinstance(top_k, int):
+        raise UserError(f"{setting} ({type(hf_model).__name__}) is an MoE model whose config names no expert count "
+                        "(num_local_experts / num_experts) or top-k (num_experts_per_tok)")
+    return RouterShape(num_experts, top_k, bool(getattr(config, "norm_topk_prob", True)))
+
+
 def has_weights(directory: Path) -> bool:
     """Whether a HF model directory holds weights (pretrained) or only a config (a model to train from scratch)."""
     return any((directory / name).is_file() for name in WEIGHT_FILES) or any(directory.glob("*.safetensors"))
@@ -231,8 +264,12 @@ class HFCausalLMAdapter(nn.Module):
     its parameter names, state dict and block paths (``model.layers``) are exactly the HF model's; ``hf_model``
     is the HF model itself (not a submodule), e.g. for ``save_pretrained``. The hidden states are the base
     model's last hidden state, which the head turns into logits unchanged; models that transform the logits
-    (head bias, soft-capping, scaling) are refused. MoE models run with ``output_router_logits=False``: their
-    auxiliary load-balancing loss is not part of this seam's loss.
+    (head bias, soft-capping, scaling) are refused.
+
+    MoE models (``router``: their ``RouterShape``): given a ``BalanceCollector``, the forward asks the base model
+    for every MoE layer's router logits and records them into it as leantrain's own MoE layers do, so the run's
+    ``moe.balance`` and coefficients apply. Only the base model runs, never the HF causal LM's forward, so HF's
+    own auxiliary loss (``router_aux_loss_coef`` x its micro-batch LBL) is never computed or added.
     """
 
     def __init__(self, hf_model: PreTrainedModel, setting: str = HF_SETTING, verify_logits: bool = True):
@@ -253,6 +290,7 @@ class HFCausalLMAdapter(nn.Module):
         self.decoder_kwargs = {"use_cache": False} if "use_cache" in accepted else {}
         if hasattr(hf_model.config, "output_router_logits"):
             self.decoder_kwargs["output_router_logits"] = False
+        self.router = router_shape(hf_model, setting)
         if verify_logits and not any(p.is_meta for p in hf_model.parameters()):
             self._verify_logits(name)
 
@@ -265,9 +303,41 @@ class HFCausalLMAdapter(nn.Module):
     def vocab_size(self) -> int:
         return self.head_weight.shape[0]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = getattr(self, self.decoder_name)(tokens, **self.decoder_kwargs)
-        return out if isinstance(out, torch.Tensor) else out.last_hidden_state  # a LeanForCausalLM's is a tensor
+    def moe_config(self, settings: MoEConfig) -> MoEConfig:
+        """The run's ``moe`` section (balance mode, coefficients) with this model's expert count and top-k;
+        num_experts is 0 for a model without softmax routers."""
+        if self.router is None:
+            return dataclasses.replace(settings, num_experts=0)
+        cfg = dataclasses.replace(settings, num_experts=self.router.num_experts, top_k=self.router.top_k,
+                                  renormalize=self.router.renormalize)
+        check_moe_config(cfg)
+        return cfg
+
+    def forward(self, tokens: torch.Tensor, balance: BalanceCollector | None = None) -> torch.Tensor:
+        """tokens [B, T] -> final hidden states [B, T, dim]; records the MoE routing into ``balance`` if given."""
+        kwargs = self.decoder_kwargs
+        if balance is not None:
+            if self.router is None:
+                raise ValueError(f"{self.setting}: a balance collector was given for a model without softmax routers")
+            kwargs = {**kwargs, "output_router_logits": True}
+        out = getattr(self, self.decoder_name)(tokens, **kwargs)
+        if isinstance(out, torch.Tensor):  # a LeanForCausalLM's
+            return out
+        if balance is not None:
+            self._record_routing(out.router_logits, balance, tokens.shape[0])
+        return out.last_hidden_state
+
+    def _record_routing(self, router_logits: tuple[torch.Tensor, ...], balance: BalanceCollector, batch: int) -> None:
+        """Each MoE layer's routing, rebuilt from its logits as the HF router chose (softmax, top-k), into
+        ``balance`` under the layer's rank among the MoE layers (0, 1, ...)."""
+        num_experts = self.router.num_experts
+        for layer, logits in enumerate(router_logits):
+            if logits.shape[-1] != num_experts:
+                raise UserError(f"{self.setting}: MoE layer {layer} returned router logits for {logits.shape[-1]} "
+                                f"experts, but the config says {num_experts}")
+            routing = Routing.from_logits(logits.reshape(-1, num_experts), self.router.top_k, self.router.renormalize)
+            counts = torch.bincount(routing.experts.flatten(), minlength=num_experts)
+            balance.record(layer, routing, counts, batch)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameters counted once (tied ones too); optionally without the input token embedding."""

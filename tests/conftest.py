@@ -22,6 +22,17 @@ def corpus_glob(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def prose_glob(tmp_path_factory) -> str:
+    """About 220 KB of English prose: 40 topics of the Python language reference (pydoc_data), as .txt files."""
+    from pydoc_data.topics import topics
+
+    out = tmp_path_factory.mktemp("prose")
+    for name in sorted(topics)[:40]:
+        (out / f"{name}.txt").write_text(topics[name])
+    return str(out / "*.txt")
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One data cache for the whole session, so the tokenizer is trained once."""
     return tmp_path_factory.mktemp("cache")

@@ -4,6 +4,8 @@ Every source ends up in one on-disk format, a *token directory*: ``meta.json``, 
 produced the ids, and flat uint16/uint32 files ``train_00000.bin``, ``val_00000.bin``, ... read as memmaps.
 ``leantrain prepare-data`` writes one where the user asks; the stdlib and text sources write one into the
 cache on first use. Validation holds out whole documents (files, JSONL records), never windows of training text.
+``data.domains`` names several text sources; their documents are written one domain after another and
+``meta.json`` records each domain's token range per split, so validation can be read domain by domain.
 
 Training reads windows of seq_len + 1 tokens (stride seq_len, so every token is a target once) in a seeded
 order reshuffled each epoch. One global sample cursor decides what every data-parallel rank reads, so W ranks
@@ -20,13 +22,14 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sysconfig
 import tempfile
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SOURCES = ("stdlib", "shards", "text")
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_SHARD_TOKENS = 100_000_000
 # Tests, IDLE and installed packages would make the corpus 10x larger or dependent on what is installed.
 STDLIB_SKIPPED_DIRS = frozenset(
@@ -67,6 +71,9 @@ class DataConfig:
     """Field of each JSONL record that holds its text."""
     cache_dir: str = ""
     """Cache of tokenized corpora; empty means $LEANTRAIN_CACHE or ~/.cache/leantrain."""
+    domains: dict[str, str] = field(default_factory=dict)
+    """data.source=text from named domains instead of data.path: name -> glob of .txt/.jsonl files, or `stdlib`.
+    Each domain holds out its own validation documents; validation loss and MoE routing are reported per domain."""
 
 
 # ---- reading documents -------------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ class ShardWriter:
 
 
 def write_token_dir(
-    documents: Iterable[str],
+    documents: Iterable[str] | Mapping[str, Iterable[str]],
     tokenizer_file: Path,
     out: Path,
     val_fraction: float,
@@ -205,7 +212,8 @@ def write_token_dir(
     """Tokenize ``documents`` into the token directory ``out`` (which exists) and return its metadata.
 
     Each document is followed by the end-of-text token. ``meta.json`` is written last, so a directory with one
-    is complete.
+    is complete. A mapping of domain name -> documents writes the domains one after another, each holding out
+    its own share for validation, and records their token ranges per split in ``meta["domains"]``.
     """
     tokenizer = bpe.load_tokenizer(tokenizer_file, "tokenizer")
     vocab_size = tokenizer.get_vocab_size()
@@ -222,26 +230,31 @@ def write_token_dir(
                 writers[split].write(np.array([i for enc in encodings for i in (*enc.ids, eos_id)], dtype=dtype))
                 texts.clear()
 
-    pending_chars = 0
-    for index, text in enumerate(documents):
-        split = "val" if is_validation(index, val_fraction) else "train"
-        pending[split].append(text)
-        counts[split] += 1
-        pending_chars += len(text)
-        if pending_chars >= ENCODE_BATCH_CHARS:
-            flush()
-            pending_chars = 0
-    flush()
+    groups = documents.items() if isinstance(documents, Mapping) else [(None, documents)]
+    domains = []
+    for name, group in groups:
+        first = {split: writer.tokens for split, writer in writers.items()}
+        group_counts = {"train": 0, "val": 0}
+        pending_chars = 0
+        for index, text in enumerate(group):
+            split = "val" if is_validation(index, val_fraction) else "train"
+            pending[split].append(text)
+            group_counts[split] += 1
+            pending_chars += len(text)
+            if pending_chars >= ENCODE_BATCH_CHARS:
+                flush()
+                pending_chars = 0
+        flush()
+        for split in counts:
+            counts[split] += group_counts[split]
+        if name is not None:
+            _check_split(group_counts, val_fraction, f"{source}.{name}")
+            domains.append({"name": name, "documents": group_counts,
+                            **{split: [first[split], writer.tokens] for split, writer in writers.items()}})
     for writer in writers.values():
         writer.close()
 
-    if counts["train"] == 0:
-        raise UserError(f"{source}: no training documents")
-    if counts["val"] == 0:
-        raise UserError(
-            f"{source}: the validation split is empty: val_fraction={val_fraction} holds out none of "
-            f"{counts['train']} documents; raise data.val_fraction (--val-fraction) or add documents"
-        )
+    _check_split(counts, val_fraction, source)
     if tokenizer_file.resolve() != (out / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     meta = {
@@ -258,8 +271,20 @@ def write_token_dir(
         "tokens": {split: writer.tokens for split, writer in writers.items()},
         "shards": writers["train"].shards + writers["val"].shards,
     }
+    if domains:
+        meta["domains"] = domains
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+def _check_split(counts: dict[str, int], val_fraction: float, source: str) -> None:
+    if counts["train"] == 0:
+        raise UserError(f"{source}: no training documents")
+    if counts["val"] == 0:
+        raise UserError(
+            f"{source}: the validation split is empty: val_fraction={val_fraction} holds out none of "
+            f"{counts['train']} documents; raise data.val_fraction (--val-fraction) or add documents"
+        )
 
 
 # ---- reading a token directory -----------------------------------------------------------------------------
@@ -443,29 +468,53 @@ class Data:
             )
         self.train_tokens, self.val_tokens = len(self.train), len(self.val)
         self.n_val_windows = (len(self.val) - 1) // cfg.seq_len
+        # Per domain, its first validation window and how many lie wholly inside its token range.
+        self.val_domains: dict[str, tuple[int, int]] = {}
+        for domain in meta.get("domains", []):
+            start, end = domain["val"]
+            first, last = -(-start // cfg.seq_len), (end - window) // cfg.seq_len
+            self.val_domains[domain["name"]] = (first, max(0, last - first + 1))
+            if last < first:
+                raise UserError(
+                    f"the validation split of data.domains.{domain['name']} holds {end - start} tokens, fewer than "
+                    f"one window of data.seq_len + 1 = {window}; raise data.val_fraction or add data"
+                )
+
+    @property
+    def domain_names(self) -> list[str]:
+        """The names of the data's domains (``data.domains``) in order; empty without domains."""
+        return list(self.val_domains)
 
     def train_loader(self, micro_batch_size: int) -> TokenLoader:
         return TokenLoader(self.train, self.seq_len, micro_batch_size, self.seed, self.rank, self.world_size)
 
-    def val_batches(self, micro_batch_size: int, max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The validation windows in order, rank-sliced like training; the same batches on every call.
+    def val_batches(self, micro_batch_size: int, max_batches: int,
+                    domain: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The validation windows in order (of one ``domain`` if given), rank-sliced like training; the same
+        batches on every call.
 
         Every rank gets the same number of batches: ``min(max_batches, n_val_windows // (world_size * m))``,
         or all full steps when ``max_batches <= 0``.
         """
+        if domain is None:
+            offset, n_windows, split = 0, self.n_val_windows, "the validation split"
+        elif domain in self.val_domains:
+            (offset, n_windows), split = self.val_domains[domain], f"the validation split of domain {domain!r}"
+        else:
+            raise ValueError(f"no domain {domain!r} in the data; domains: {self.domain_names}")
         step = self.world_size * micro_batch_size
-        batches = self.n_val_windows // step
+        batches = n_windows // step
         if max_batches > 0:
             batches = min(batches, max_batches)
         if batches == 0:
             raise UserError(
-                f"the validation split has {self.n_val_windows} windows of data.seq_len + 1 tokens, fewer than one "
+                f"{split} has {n_windows} windows of data.seq_len + 1 tokens, fewer than one "
                 f"batch of {step} (micro-batch {micro_batch_size} x {self.world_size} ranks); raise data.val_fraction"
             )
 
         def batches_of_this_rank() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for b in range(batches):
-                first = b * step + self.rank * micro_batch_size
+                first = offset + b * step + self.rank * micro_batch_size
                 yield read_windows(self.val, range(first, first + micro_batch_size), self.seq_len)
 
         return batches_of_this_rank()
@@ -479,6 +528,8 @@ def build_data(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -
         raise UserError(f"data.seq_len must be positive, got {cfg.seq_len}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
+    if cfg.domains:
+        check_domains(cfg)
     if cfg.source == "shards":
         if not cfg.path:
             raise UserError(
@@ -489,8 +540,36 @@ def build_data(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -
     if cfg.source in ("stdlib", "text"):
         directory, built = cached_token_dir(cfg, progress=rank == 0)
         label = "the stdlib corpus" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
+        if cfg.domains:
+            label = f"data.domains ({', '.join(cfg.domains)})"
         return Data(directory, cfg, seed, rank, world_size, built, f"{label} (cached in {directory})")
     raise UserError(f"data.source={cfg.source!r} is not one of {', '.join(SOURCES)}")
+
+
+def check_domains(cfg: DataConfig) -> None:
+    """UserError naming the key unless ``data.domains`` is a usable mapping for data.source=text."""
+    if cfg.source != "text" or cfg.path:
+        raise UserError(f"data.domains ({', '.join(cfg.domains)}) needs data.source=text and an empty data.path "
+                        f"(each domain names its own files); got data.source={cfg.source!r}, data.path={cfg.path!r}")
+    for name, spec in cfg.domains.items():
+        if not DOMAIN_NAME.fullmatch(name):
+            raise UserError(f"data.domains: domain name {name!r} must be letters, digits, '_', '-' or '.'")
+        if not isinstance(spec, str) or not spec:
+            raise UserError(f"data.domains.{name}={spec!r}: give a glob of .txt/.jsonl files, or stdlib")
+
+
+Corpus = tuple[list[Path], list[str], Callable[[Path], Iterable[str]]]
+"""A corpus's files, their names in the cache key, and the reader of a file's documents."""
+
+
+def glob_corpus(pattern: str, setting: str, text_key: str) -> Corpus:
+    files = match_files([pattern], setting)
+    return files, [str(p) for p in files], lambda path: read_documents(path, text_key, setting)
+
+
+def stdlib_corpus() -> Corpus:
+    base, files = stdlib_files()
+    return files, [p.relative_to(base).as_posix() for p in files], read_stdlib_file
 
 
 # ---- the cache ---------------------------------------------------------------------------------------------
@@ -501,57 +580,61 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def cached_token_dir(cfg: DataConfig, progress: bool) -> tuple[Path, bool]:
-    """The cache entry holding ``cfg``'s stdlib or text corpus, tokenized; built first if missing.
+    """The cache entry holding ``cfg``'s stdlib or text corpus (or domains), tokenized; built first if missing.
 
     The entry is keyed by the file list with sizes and mtimes, the tokenizer (its hash, or the BPE vocabulary
     size to train) and the validation split, so editing any input makes a new entry. Returns it and whether
     this call built it.
     """
+    python = {"python": platform.python_implementation() + platform.python_version()}
     if cfg.source == "stdlib":
         if cfg.path:
             raise UserError(
                 f"data.path={cfg.path!r} is set but data.source is stdlib; set data.source to shards or text"
             )
-        base, files = stdlib_files()
-        names = [p.relative_to(base).as_posix() for p in files]
-        read: Callable[[Path], Iterable[str]] = read_stdlib_file
-        identity = {"python": platform.python_implementation() + platform.python_version()}
+        corpora: dict[str | None, Corpus] = {None: stdlib_corpus()}
+        identity = dict(python)
+        source = "stdlib"
+    elif cfg.domains:
+        corpora = {name: stdlib_corpus() if spec == "stdlib"
+                   else glob_corpus(spec, f"data.domains.{name}", cfg.text_key) for name, spec in cfg.domains.items()}
+        identity = {"text_key": cfg.text_key, **(python if "stdlib" in cfg.domains.values() else {})}
+        source = "data.domains"
     else:
-        files = match_files([cfg.path], "data.path")
-        names = [str(p) for p in files]
-        text_key = cfg.text_key
-
-        def read(path: Path) -> Iterable[str]:
-            return read_documents(path, text_key, "data.path")
-
+        corpora = {None: glob_corpus(cfg.path, "data.path", cfg.text_key)}
         identity = {"text_key": cfg.text_key}
+        source = f"data.path={cfg.path!r}"
     if cfg.tokenizer:
         bpe.load_tokenizer(cfg.tokenizer, "data.tokenizer")
         identity["tokenizer_sha256"] = bpe.file_sha256(Path(cfg.tokenizer).expanduser())
     else:
         identity["bpe_vocab_size"] = cfg.vocab_size
-    stats = [(name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in zip(names, files)]
+    stats = {name: [(n, p.stat().st_size, p.stat().st_mtime_ns) for n, p in zip(names, files)]
+             for name, (files, names, _) in corpora.items()}
+    files_key = stats if cfg.domains else stats[None]
     key = json.dumps(
-        {"format": FORMAT_VERSION, "val_fraction": cfg.val_fraction, "files": stats, **identity}, sort_keys=True
+        {"format": FORMAT_VERSION, "val_fraction": cfg.val_fraction, "files": files_key, **identity}, sort_keys=True
     )
     entry = cache_root(cfg) / "data" / f"{cfg.source}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    source = "stdlib" if cfg.source == "stdlib" else f"data.path={cfg.path!r}"
 
     def build(out: Path) -> None:
         started = time.perf_counter()
-        log.info("tokenizing %s (%d files) into %s: first use", source, len(files), entry)
+        n_files = sum(len(files) for files, _, _ in corpora.values())
+        log.info("tokenizing %s (%d files) into %s: first use", source, n_files, entry)
         if cfg.tokenizer:
             tokenizer_file = Path(cfg.tokenizer).expanduser()
         else:
             train_texts = (
-                text for i, text in enumerate(corpus_documents(files, read)) if not is_validation(i, cfg.val_fraction)
+                text for files, _, read in corpora.values()
+                for i, text in enumerate(corpus_documents(files, read)) if not is_validation(i, cfg.val_fraction)
             )
             tokenizer_file = out / "tokenizer.json"
             bpe.train_bpe(train_texts, cfg.vocab_size).save(str(tokenizer_file))
-        total = sum(size for _, size, _ in stats)
+        total = sum(size for corpus_stats in stats.values() for _, size, _ in corpus_stats)
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress else True) as bar:
-            documents = corpus_documents(files, read, bar)
-            write_token_dir(documents, tokenizer_file, out, cfg.val_fraction, DEFAULT_SHARD_TOKENS, source)
+            documents = {name: corpus_documents(files, read, bar) for name, (files, _, read) in corpora.items()}
+            write_token_dir(documents if cfg.domains else documents[None], tokenizer_file, out, cfg.val_fraction,
+                            DEFAULT_SHARD_TOKENS, source)
         log.info("tokenized %s in %.1f s", source, time.perf_counter() - started)
 
     return entry, build_once(entry, build)

@@ -5,6 +5,7 @@ Order: world, config checks, data, model, loss, parallel wrap, optimizer, schedu
 global count of target tokens), clip, let the checkpointer wait, step, schedule, log, checkpoint.
 """
 
+import dataclasses
 import random
 import shutil
 import time
@@ -15,12 +16,13 @@ import torch
 
 from ..checkpoint.manager import Checkpointer
 from ..errors import UserError
-from ..moe.balance import BalanceCollector
-from ..moe.config import check_moe_config
+from ..moe.balance import BalanceCollector, domain_routing_metrics
+from ..moe.config import MoEConfig, check_moe_config
 from ..nn.hf import HFCausalLMAdapter, load_hf_model
 from ..nn.loss import IGNORE_INDEX, LanguageModelLoss
 from ..nn.model import Transformer, resolve_model_config
-from ..optim.build import build_optimizer
+from ..optim.build import FREEZING_OPTIMIZERS, build_optimizer
+from ..optim.groups import count_state_bytes
 from ..parallel.world import World, close_world, init_world
 from ..parallel.wrap import build_engine
 from .config import Config, accumulation_steps, fingerprint, to_dict, to_yaml
@@ -78,18 +80,41 @@ def autocast(cfg: Config, world: World):
 
 
 @torch.no_grad()
-def evaluate(loss_module: LanguageModelLoss, data, cfg: Config, world: World) -> float:
-    """Mean validation loss per target token over all ranks."""
+def evaluate(loss_module: LanguageModelLoss, data, cfg: Config, world: World, moe: MoEConfig) -> dict[str, float]:
+    """Mean validation loss per target token over all ranks: ``val_loss``, ``val_ppl``.
+
+    With ``data.domains`` every domain gets ``trainer.eval_batches`` batches and its own ``val_loss/<domain>``;
+    for an MoE model (``moe.num_experts`` > 0) also each domain's routing concentration per MoE layer,
+    ``val_moe/layer<i>/concentration/<domain>``, its mean over layers, ``val_moe/concentration/<domain>``, and
+    the expert load over all domains, ``val_moe/[layer<i>/]max_load`` (see ``domain_routing_metrics``).
+    """
     loss_module.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=world.device)
-    for inputs, targets in data.val_batches(cfg.trainer.micro_batch_size, cfg.trainer.eval_batches):
-        inputs, targets = inputs.to(world.device), targets.to(world.device)
-        with autocast(cfg, world):
-            totals[0] += loss_module(inputs, targets).double()
-        totals[1] += (targets != IGNORE_INDEX).sum()
+    domains = data.domain_names or [None]
+    routing = None
+    if moe.num_experts and data.domain_names:  # statistics only: micro mode needs no communication
+        routing = BalanceCollector(dataclasses.replace(moe, balance="micro"), domain_names=data.domain_names)
+    totals = torch.zeros(len(domains), 2, dtype=torch.float64, device=world.device)
+    for d, domain in enumerate(domains):
+        for inputs, targets in data.val_batches(cfg.trainer.micro_batch_size, cfg.trainer.eval_batches, domain):
+            inputs, targets = inputs.to(world.device), targets.to(world.device)
+            if routing is not None:
+                routing.set_domains(torch.full((inputs.shape[0],), d))
+            with autocast(cfg, world):
+                totals[d, 0] += loss_module(inputs, targets, routing).double()
+            if routing is not None:
+                routing.loss()
+            totals[d, 1] += (targets != IGNORE_INDEX).sum()
     loss_module.train()
     world.all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
+    val_loss = (totals[:, 0].sum() / totals[:, 1].sum()).item()
+    out = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+    if data.domain_names:
+        out.update({f"val_loss/{name}": (totals[d, 0] / totals[d, 1]).item() for d, name in enumerate(domains)})
+    if routing is not None:
+        counts = {layer: world.all_reduce_sum(c.to(world.device))
+                  for layer, c in sorted(routing.domain_counts().items())}
+        out.update(domain_routing_metrics(counts, data.domain_names, moe.top_k, "val_moe/"))
+    return out
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -112,13 +137,15 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     model = build_model(cfg, data.vocab_size).to(world.device)
     loss_module = LanguageModelLoss(model, cfg.loss)
     engine = build_engine(loss_module, model, cfg.parallel, world, lambda: build_optimizer(cfg.optim, model, tcfg.seed),
-                          grad_clip=tcfg.grad_clip, micro_batch_size=tcfg.micro_batch_size, accumulation_steps=accum)
+                          grad_clip=tcfg.grad_clip, micro_batch_size=tcfg.micro_batch_size, accumulation_steps=accum,
+                          freezes_parameters=cfg.optim.name in FREEZING_OPTIMIZERS)
     optimizer = engine.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = data.train_loader(tcfg.micro_batch_size)
     progress = Progress()
     # MoE layers record routing statistics here; in `global` mode it all-reduces expert counts.
-    balance = BalanceCollector(cfg.moe, group=world.group) if cfg.moe.num_experts else None
+    moe = model.moe_config(cfg.moe) if cfg.model.hf else cfg.moe  # an HF MoE model brings its experts
+    balance = BalanceCollector(moe, group=world.group) if moe.num_experts else None
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, fingerprint(cfg), world.rank, world.world_size, world.barrier)
     model_states, rank_states = engine.checkpoint_states()
@@ -140,8 +167,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
 
     last: dict[str, Any] = {"step": start}
     if start == 0 and tcfg.eval_interval > 0:
-        val = evaluate(loss_module, data, cfg, world)
-        last = {"step": 0, "val_loss": val, "val_ppl": perplexity(val)}
+        last = {"step": 0, **evaluate(loss_module, data, cfg, world, moe)}
         metrics.event(last)
     stop = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
     window_start, window_tokens = time.perf_counter(), 0
@@ -180,10 +206,10 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
             last = {"step": step, "loss": world.all_reduce_sum(loss_sum).item() / n_targets.item(),
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": progress.tokens_seen,
-                    **moe_metrics}
+                    # This rank's optimizer-state bytes: it changes with LISA's and FRUGAL's active parts.
+                    "optim_state_bytes": count_state_bytes(optimizer), **moe_metrics}
             if evaluate_now:
-                last["val_loss"] = evaluate(loss_module, data, cfg, world)
-                last["val_ppl"] = perplexity(last["val_loss"])
+                last.update(evaluate(loss_module, data, cfg, world, moe))
             metrics.log(last)
             window_start, window_tokens = time.perf_counter(), 0
         checkpointer.after_step(step, replicated, per_rank, force=step == stop)

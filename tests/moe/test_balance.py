@@ -5,7 +5,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from leantrain.errors import UserError
-from leantrain.moe.balance import BalanceCollector
+from leantrain.moe.balance import BalanceCollector, domain_routing_metrics, domain_concentration
 from leantrain.moe.config import MoEConfig
 from leantrain.moe.router import Routing
 
@@ -138,6 +138,21 @@ def test_metrics_loads_and_domain_concentration():
     assert metrics["moe/concentration/code"] == pytest.approx(1.0)
     assert metrics["moe/concentration/prose"] == pytest.approx(0.5)  # top-2 of 4 equally used experts
     torch.testing.assert_close(collector.domain_frequencies()[0][0], torch.tensor([.5, .5, 0, 0, 0, 0]).double())
+
+
+def test_domain_concentration_closed_form():
+    # A domain on 2 experts, one spread evenly over 4, one on 3 with 6/2/1 pairs, one with no pairs at all.
+    counts = torch.tensor([[5, 5, 0, 0], [3, 3, 3, 3], [6, 2, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    expected = torch.tensor([1.0, 0.5, 8 / 9, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(domain_concentration(counts, 2), expected)
+    metrics = domain_routing_metrics({1: counts, 3: counts.flip(0)}, ["a", "b", "c", "d"], 2, "val_moe/")
+    assert metrics["val_moe/layer1/concentration/a"] == 1.0 and metrics["val_moe/layer3/concentration/a"] == 0.0
+    assert metrics["val_moe/layer3/concentration/b"] == pytest.approx(8 / 9)
+    assert metrics["val_moe/concentration/b"] == pytest.approx((0.5 + 8 / 9) / 2)
+    # All domains together route 14, 10, 4, 3 pairs to the 4 experts in both layers.
+    assert metrics["val_moe/layer1/max_load"] == metrics["val_moe/layer3/max_load"] == pytest.approx(4 * 14 / 31)
+    assert metrics["val_moe/max_load"] == pytest.approx(4 * 14 / 31)
+    assert len(metrics) == 4 * 3 + 3
 
 
 def test_misuse_is_reported():
