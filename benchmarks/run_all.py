@@ -52,7 +52,7 @@ BENCHMARKS = (
               min_memory_gb=20),
     Benchmark("moe", "moe.py", (), ("--tokens", "256", "--dim", "64", "--intermediate", "128", "--repeats", "1",
                                     "--dtypes", "fp32", "--peak-size", "256", "--skip-balance")),
-    Benchmark("optimizers", "optimizers.py", (), ("--part", "state", "--layers", "1", "--ordinary", "1"),
+    Benchmark("optimizers", "optimizers.py", ("--rounds", "3"), ("--part", "state", "--layers", "1", "--ordinary", "1"),
               min_memory_gb=16),
     # 130m: every mode at once fits 24 GB; 350m needs about 40 GB (--preset 350m by hand).
     Benchmark("checkpoint", "checkpoint.py", ("--preset", "130m", "--repeats", "3"),
