@@ -233,6 +233,12 @@ class _StepTrace(TorchDispatchMode):
             return _ASSUMED[func]
         if func is _aten.bincount.default:
             out = self._bincount(*args, **kwargs)
+        elif func is _aten._grouped_mm.default and args[0].dtype != torch.bfloat16:
+            # torch's shape function for grouped_mm takes bf16 only (CUDA's rule); the CPU kernel takes
+            # any float dtype (HF MoE experts on CPU). Same shapes, so infer them from bf16 stand-ins.
+            stand_ins = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in args]
+            out = func(*stand_ins, **kwargs).to(args[0].dtype)
         else:
             out = func(*args, **kwargs)
             self._follow_values(func, args, kwargs, out)
@@ -481,7 +487,8 @@ def run_steps(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, tar
     accumulated, no optimizer step), so the peak is the same.
     """
     scale = 1.0 / (inputs.numel() * accum)
-    balance = BalanceCollector(cfg.moe, group=None) if cfg.moe.num_experts else None
+    moe = engine.model.moe_config(cfg.moe) if cfg.model.hf else cfg.moe  # as the trainer: HF MoE brings its experts
+    balance = BalanceCollector(moe, group=None) if moe.num_experts else None
 
     def begin(phase: str, region: str) -> None:
         if trace is not None:

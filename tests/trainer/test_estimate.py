@@ -170,6 +170,23 @@ def test_hugging_face_model_is_estimated_from_its_config(tmp_path):
     assert est.device["weights"] >= 4 * expected and est.largest["activations"] > 0
 
 
+def test_hugging_face_moe_model_within_10_percent_of_the_measured_peak(tmp_path, one_thread):
+    """HF's MoE experts run torch's grouped_mm on the CPU in fp32, whose shape function takes bf16 only."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2MoeConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                         moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=8, num_experts_per_tok=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.Qwen2MoeForCausalLM(config).save_pretrained(tmp_path)
+    for dtype in ("fp32", "bf16"):
+        cfg = load_config("quickstart", [f"model.hf={tmp_path}", *SMALL["tiny"], f"trainer.dtype={dtype}",
+                                         "moe.balance=global"])
+        est, measured = estimate(cfg), measure(cfg)
+        assert est.largest["activations"] > 0
+        assert abs(est.device_peak / measured["peak"] - 1) <= 0.10, (dtype, est.device_peak, measured["peak"])
+
+
 def test_compare_optimizers_table(capsys):
     assert main(["estimate", "quickstart", *SMALL["tiny"], "model.n_layers=2", "--compare-optimizers"]) == 0
     out = capsys.readouterr().out
