@@ -5,6 +5,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +51,10 @@ def tiny_overrides(corpus_glob, cache_dir, tmp_path) -> list[str]:
     ]
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as each spawned rank runs: on a loaded 2-core machine two OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

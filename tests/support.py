@@ -5,7 +5,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -24,6 +26,21 @@ def exit_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def spawn_ranks(worker: Callable[..., None], world_size: int, out_dir: Path) -> list[Any]:
+    """Run ``worker(rank, world_size, port, out_dir)`` on spawned ranks; returns what each saved to ``rank{r}.pt``."""
+    import torch
+    import torch.multiprocessing as mp
+
+    repo = str(Path(__file__).resolve().parents[1])  # spawned ranks import the test module by its package path
+    sys.path.insert(0, repo)
+    try:
+        mp.start_processes(worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size,
+                           start_method="spawn")
+    finally:
+        sys.path.remove(repo)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world_size)]
 
 
 def run_rank_scripts(script: str, world_size: int, timeout: float = 120) -> None:

@@ -5,13 +5,10 @@ One spawn of 2 ranks runs every scenario; the single-process references run in t
 
 import contextlib
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,7 +16,7 @@ from leantrain.moe.balance import BalanceCollector
 from leantrain.moe.config import MoEConfig
 from leantrain.moe.layer import MoELayer
 from leantrain.moe.router import Routing
-from support import exit_rank, free_port
+from support import exit_rank, spawn_ranks
 
 VOCAB, DIM, HIDDEN, EXPERTS, TOP_K, SEQ = 64, 32, 64, 4, 2, 16
 STEPS, ACCUMULATION, MICRO_BATCH = 5, 2, 2  # micro-batch per rank; one process takes 2 * MICRO_BATCH
@@ -149,24 +146,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("moe_dist")
-    # The spawned ranks import this file as tests.moe.test_distributed: they need the repository root.
-    repo = str(Path(__file__).resolve().parents[2])
-    sys.path.insert(0, repo)
-    try:
-        mp.start_processes(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, start_method="spawn")
-    finally:
-        sys.path.remove(repo)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
-
-
-@pytest.fixture
-def one_thread():
-    """The single-process reference runs with one thread, as each rank did."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return spawn_ranks(_worker, 2, tmp_path_factory.mktemp("moe_dist"))
 
 
 def test_global_balancing_on_two_ranks_logs_the_single_process_loss(two_ranks, one_thread):

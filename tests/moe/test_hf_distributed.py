@@ -6,18 +6,16 @@ by top_k: HF counts top_k picks per token, we count shares of the routed pairs) 
 
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from leantrain.moe.balance import BalanceCollector
 from leantrain.moe.config import MoEConfig
 from leantrain.nn.hf import HFCausalLMAdapter
-from support import exit_rank, free_port
+from support import exit_rank, spawn_ranks
 
 VOCAB, EXPERTS, TOP_K, BATCH, SEQ = 67, 4, 2, 4, 16
 
@@ -71,14 +69,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("hf_moe_dist")
-    repo = str(Path(__file__).resolve().parents[2])  # the spawned ranks import this file by its path
-    sys.path.insert(0, repo)
-    try:
-        mp.start_processes(_worker, args=(2, free_port(), str(out_dir)), nprocs=2, start_method="spawn")
-    finally:
-        sys.path.remove(repo)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+    return spawn_ranks(_worker, 2, tmp_path_factory.mktemp("hf_moe_dist"))
 
 
 def test_global_lbl_on_two_ranks_is_hfs_lbl_of_the_whole_batch(two_ranks):

@@ -41,15 +41,6 @@ def planned(*overrides: str, world_size: int = 1):
     return _cache[key]
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine, two OpenMP threads per SVD wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("preset", ["tiny", "130m"])
 def test_estimate_within_10_percent_of_the_measured_peak(preset, optimizer, one_thread):
