@@ -111,7 +111,7 @@ def shown_command(bench: Benchmark, quick: bool) -> str:
 
 
 def as_markdown(report: str) -> str:
-    """The report as README markdown: tables kept, other lines kept as separate lines."""
+    """The report as README markdown: tables kept, headings made bold, other lines kept as separate lines."""
     lines = []
     for line in report.strip().splitlines():
         if not line.strip():
@@ -123,6 +123,8 @@ def as_markdown(report: str) -> str:
         else:
             if lines and lines[-1].lstrip().startswith("|"):
                 lines.append("")
+            if line.startswith("#"):  # a report's own heading must not become a README heading
+                line = f"**{line.lstrip('#').strip()}**"
             lines.append(line.rstrip() + "  ")  # a hard line break: one report line, one README line
     return "\n".join(lines).strip()
 

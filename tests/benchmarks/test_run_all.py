@@ -68,6 +68,7 @@ def test_bad_input_is_refused_without_touching_the_readme(tmp_path):
 @pytest.mark.parametrize("report, expected", [
     ("line one\nline two\n| a | b |\n|---|---|\n| 1 | 2 |\nafter",
      "line one  \nline two  \n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nafter  "),
+    ("# Part 1: a layer\ntext", "**Part 1: a layer**  \ntext  "),
 ])
 def test_reports_become_markdown(report, expected):
     sys.path.insert(0, str(RUN_ALL.parent))
