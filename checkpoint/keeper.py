@@ -35,6 +35,7 @@ from typing import Any
 from . import wire
 from .disk import write_text_atomic
 from .keeper_parity import GroupParity
+from .lazy import yield_cores_to_training
 from .snapshot import digest
 
 KEEPER_DIR = "keepers"
@@ -399,6 +400,7 @@ class Keeper:
     # ---- background work ------------------------------------------------------------------------------
 
     def _hash_loop(self) -> None:
+        yield_cores_to_training()  # the node's trainers share these cores
         while True:
             with self.lock:
                 while not self._hash_queue:
@@ -415,6 +417,7 @@ class Keeper:
     def _disk_loop(self) -> None:
         from .levels import commit_when_complete, write_node_payloads
 
+        yield_cores_to_training()
         while True:
             with self.lock:
                 while not self.disk_queue:

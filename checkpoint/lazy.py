@@ -10,6 +10,7 @@ side stream into page-locked host memory; waiting then only orders the caller's 
 copy (no host sync), and the thread syncs the side stream before reporting the snapshot complete.
 """
 
+import os
 import threading
 from collections.abc import Callable, Iterable
 from queue import SimpleQueue
@@ -162,8 +163,28 @@ class Copier:
         # One thread of intra-op parallelism here (the setting is per thread): the copies are memory
         # bound, and the training thread's pool should keep the cores.
         torch.set_num_threads(1)
+        yield_cores_to_training()
         while (job := self._queue.get()) is not None:
             job.run()
+
+
+# Measured on 2 CPU cores at 350m with a snapshot every step: nice 0 costs 10% of the throughput,
+# 8 to 19 about 1%; 19 leaves copies unfinished at the optimizer step (132 ms stalls against 45 at 8).
+BACKGROUND_NICENESS = 10
+
+
+def yield_cores_to_training() -> None:
+    """Run the calling thread at a low CPU priority (Linux: ``BACKGROUND_NICENESS``, this thread alone).
+
+    Background snapshot work (copies, checksums) then runs on the cycles the training leaves idle
+    (Python dispatch, single-threaded ops, waits) instead of preempting one thread of the training's
+    OpenMP team, which stalls the whole team at its next barrier. Elsewhere this does nothing.
+    """
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+        except OSError:  # not permitted here: run at normal priority
+            pass
 
 
 def pin_host_memory(buffer: torch.Tensor) -> None:
