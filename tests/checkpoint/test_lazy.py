@@ -1,11 +1,12 @@
 """Lazy copies: background copies land exactly, a wait covers only the tensors asked for."""
 
+import os
 import threading
 
 import pytest
 import torch
 
-from leantrain.checkpoint.lazy import Copier, LazyCopy
+from leantrain.checkpoint.lazy import BACKGROUND_NICENESS, Copier, LazyCopy, yield_cores_to_training
 
 
 def pairs(*sources: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -52,3 +53,19 @@ def test_a_failed_copy_is_raised_to_the_waiter():
         job.wait()
     with pytest.raises(RuntimeError, match="snapshot copy failed"):
         job.wait_complete()
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="thread priorities are a POSIX feature")
+def test_background_threads_yield_the_cores_but_the_caller_keeps_its_priority():
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def background():
+        yield_cores_to_training()
+        seen["background"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    assert seen["background"] == max(mine, BACKGROUND_NICENESS)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
