@@ -20,7 +20,6 @@ Part 2, two processes (gloo): the step time of a small MoE model trained with ``
 
 import argparse
 import contextlib
-import ctypes
 import os
 import statistics
 import time
@@ -34,18 +33,7 @@ from leantrain.moe.balance import BalanceCollector
 from leantrain.moe.config import MoEConfig
 from leantrain.moe.layer import MoELayer
 
-
-def keep_freed_memory() -> None:
-    """Make glibc serve every allocation from its heap and never give freed memory back.
-
-    By default glibc maps each allocation above 32 MiB afresh and unmaps it when freed, so every
-    such tensor pays its page faults again each step (about 20 ms per 46 MB here). This setting,
-    or MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment, stops that.
-    """
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise RuntimeError("mallopt failed")
+from allocator import keep_freed_memory
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

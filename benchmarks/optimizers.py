@@ -53,6 +53,8 @@ import torch
 from leantrain.optim.galore import GaLoreAdamW, stagger_offsets
 from leantrain.optim.natural_galore import NaturalGaLoreAdamW
 
+from allocator import keep_freed_memory
+
 DIM, HIDDEN, LAYERS = 768, 2048, 12
 RANK, SCALE, GAP = 256, 0.25, 200
 TARGETS = {"exact_amortized": 1.0, "randomized_refresh": 0.2, "randomized_amortized": 0.9, "peak_memory": 0.5}
@@ -74,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--autocast-cache", action=argparse.BooleanOptionalAction, default=False,
                         help="part 2: let autocast cache bf16 copies of the weights for the whole forward")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="part 1: glibc keeps freed memory for reuse, so no optimizer's step time depends on "
+                             "the page faults its neighbours' frees leave it (see allocator.py)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--render", default="", help="print the tables of a --json file instead of measuring")
     parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
@@ -288,7 +293,8 @@ def report(state: dict | None, memory: dict | None, args: argparse.Namespace, me
           f"({meta['arch']}), load average {' '.join(map(str, meta['load_average']))} at the end")
     if state:
         print(f"\n130m block weights ({state['_weights_bytes'] / MiB:.0f} MiB fp32), rank {RANK}, gap {GAP}; best of "
-              f"{meta.get('rounds', args.rounds)} interleaved round(s); amortized = (refresh + {GAP - 1} x ordinary) / {GAP}; "
+              f"{meta.get('rounds', args.rounds)} interleaved round(s), glibc allocator "
+              f"{'keeping freed memory' if meta.get('keep_freed_memory') else 'defaults'}; amortized = (refresh + {GAP - 1} x ordinary) / {GAP}; "
               f"CPU = process CPU time over all threads, steadier than wall time when the machine is loaded\n")
         print("| optimizer | state MiB | ordinary ms | refresh s | amortized ms | ordinary CPU ms | refresh CPU s "
               "| amortized CPU ms |")
@@ -340,9 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
             saved = json.load(f)
         report(saved["state_and_time"], saved["peak_memory"], args, saved["machine"])
         return saved
+    # Part 2 measures fresh child processes, which keep glibc's defaults.
+    if args.keep_freed_memory and args.part in ("all", "state"):
+        keep_freed_memory()
     state = state_and_time(args) if args.part in ("all", "state") else None
     memory = peak_memory(args) if args.part in ("all", "memory") else None
-    meta = {**machine(), "rounds": args.rounds}
+    meta = {**machine(), "rounds": args.rounds, "keep_freed_memory": args.keep_freed_memory}
     checks = report(state, memory, args, meta)
     results = {"machine": meta, "state_and_time": state, "peak_memory": memory, "checks": checks}
     if args.json:

@@ -2,9 +2,11 @@
 
 import io
 import math
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from leantrain.errors import UserError
 from leantrain.optim import projector
@@ -350,3 +352,43 @@ def test_auto_sketch_dtype_keeps_float64_and_follows_the_device_otherwise():
     assert sketch_dtype_for("auto", torch.zeros(2, 2)) == default_sketch_dtype("cpu")
     assert sketch_dtype_for("bfloat16", torch.zeros(2, 2, dtype=torch.float64)) == torch.bfloat16
     assert sketch_dtype_for("float32", torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.float32
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops create while it is active, less those that existed before."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in existing}
+        self.live: dict[int, int] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key and key not in self.known and key not in self.live:
+                    self.live[key] = t.untyped_storage().nbytes()
+                    self.peak = max(self.peak, sum(self.live.values()))
+                    weakref.finalize(t, self.live.pop, key, None)
+        return out
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_unbatched_step_holds_one_matrix_of_temporaries_at_a_time(foreach):
+    """Without foreach kernels each matrix is finished before the next is projected; with them, the group is batched."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(64, 48, generator=gen)) for _ in range(8)]
+    opt = GaLoreAdamW([{"params": params, "rank": 8}], lr=0.01, foreach=foreach)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()  # creates the state and the bases
+    existing = params + [p.grad for p in params] + [t for s in opt.state.values() for t in s.values()]
+    with _LiveBytes(existing) as live:
+        opt.step()
+    one_matrix = 64 * 8 * 4  # a projected gradient or an update, 64 x rank 8 float32
+    if foreach:
+        assert live.peak >= len(params) * 2 * one_matrix
+    else:
+        assert 0 < live.peak <= 3 * one_matrix
