@@ -87,7 +87,8 @@ class GaLoreAdamW(Optimizer):
     keep | reset, which zeroes them and restarts bias correction | rotate, which maps them into the
     new basis), ``stagger`` (see ``stagger_offsets``), ``guard`` (keep the old basis when the
     gradient is not finite or the SVD fails), ``decay_before_update`` (torch's decoupled-decay
-    order) and ``foreach`` (None: batched kernels on CUDA only, as torch.optim decides).
+    order) and ``foreach`` (None: batched kernels on CUDA only, as torch.optim decides; without them
+    each matrix is stepped to the end before the next is projected).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
