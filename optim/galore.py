@@ -162,15 +162,26 @@ class GaLoreAdamW(Optimizer):
         # Counters stay on the CPU as float32 scalars, as torch.optim keeps "step".
         state["step"] = torch.tensor(0.0)
         state["moment_step"] = torch.tensor(0.0)
+        local = self._local(p)
         if "rank" in group:
             side = projector.projection_side(group["proj_type"], p.shape)
-            k = projector.effective_rank(group["rank"], p.shape)
-            shape = projector.low_rank_shape(side, p.shape, k)
-            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            shape = self._low_rank_shape(p, side, projector.effective_rank(group["rank"], p.shape))
+            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
         else:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(local, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.preserve_format)
+
+    # Where a subclass steps parameters it holds only part of (parallel/sharded_lowrank.py), it
+    # overrides these: the tensor this process updates, its low-rank shape, how a basis is found,
+    # how a gradient is projected and an update mapped back, and the change of basis.
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of a parameter or gradient that this process holds and updates."""
+        return t
+
+    def _low_rank_shape(self, p: torch.Tensor, side: str, k: int) -> tuple[int, int]:
+        """Shape of this process's low-rank gradient and moments of ``p``."""
+        return projector.low_rank_shape(side, p.shape, k)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -200,7 +211,7 @@ class GaLoreAdamW(Optimizer):
                     if low is None:  # no basis yet: the guard skips this matrix's step
                         continue
                 else:
-                    low = p.grad
+                    low = self._local(p.grad)
                 params.append(p)
                 lows.append(low)
                 states.append(state)
@@ -215,7 +226,7 @@ class GaLoreAdamW(Optimizer):
                        states: list[dict[str, Any]]) -> None:
         """Precondition (projected groups), then Adam and the update, for some of a group's parameters."""
         if "rank" in group:
-            lows = self._precondition(group, states, lows)
+            lows = self._precondition(group, params, states, lows)
         self._update(group, params, lows, states)
 
     def _project(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], ordinal: int,
@@ -229,22 +240,32 @@ class GaLoreAdamW(Optimizer):
             has_basis = "proj_left" in state or "proj_right" in state
         if not has_basis:
             return None
+        return self._project_gradient(p, side, state)
+
+    def _project_gradient(self, p: torch.Tensor, side: str, state: dict[str, Any]) -> torch.Tensor:
         return projector.project(p.grad, side, state.get("proj_left"), state.get("proj_right"))
+
+    def _add_projected_back(self, p: torch.Tensor, target: torch.Tensor, update: torch.Tensor, side: str,
+                            state: dict[str, Any], alpha: float) -> None:
+        """target (``p`` or the part of it this process holds) += alpha * ``update`` mapped back."""
+        projector.add_projected_back_(target, update, side, state.get("proj_left"), state.get("proj_right"), alpha)
+
+    def _change_of_basis(self, p: torch.Tensor, side: str, old: tuple[torch.Tensor | None, torch.Tensor | None],
+                         state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(R_left, R_right) from the ``old`` bases to the state's new ones (``projector.change_of_basis``)."""
+        return projector.change_of_basis(side, *old, state.get("proj_left"), state.get("proj_right"))
 
     def _refresh(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str, ordinal: int,
                  step: int) -> None:
         """Recompute the basis from the current gradient and apply the switch policy to the moments."""
-        k = projector.effective_rank(group["rank"], p.shape)
-        if group["guard"]:
-            basis = self._guarded_basis(p.grad, k, side, group, ordinal, step, state)
-            if basis is None:
-                self.refresh_failures += 1
-                warnings.warn("GaLore kept the previous subspace of a matrix: its gradient was not finite or its "
-                              "SVD failed", RuntimeWarning, stacklevel=3)
-                return
-            left, right = basis
-        else:
-            left, right = self._basis(p.grad, k, side, group, ordinal, step, state)
+        basis = self._new_basis(p, projector.effective_rank(group["rank"], p.shape), side, group, ordinal, step,
+                                state)
+        if basis is None:
+            self.refresh_failures += 1
+            warnings.warn("GaLore kept the previous subspace of a matrix: its gradient was not finite or its "
+                          "SVD failed", RuntimeWarning, stacklevel=3)
+            return
+        left, right = basis
         old_left, old_right = state.get("proj_left"), state.get("proj_right")
         # Copies: an SVD's leading vectors are views into its full factors.
         if left is not None:
@@ -260,17 +281,19 @@ class GaLoreAdamW(Optimizer):
             state["exp_avg_sq"].zero_()
             state["moment_step"].zero_()
         elif policy == "rotate":
-            r_left, r_right = projector.change_of_basis(side, old_left, old_right, state.get("proj_left"),
-                                                        state.get("proj_right"))
+            r_left, r_right = self._change_of_basis(p, side, (old_left, old_right), state)
             state["exp_avg"].copy_(projector.apply_change(state["exp_avg"], r_left, r_right))
             # Second moments as the variances of independent coordinates seen through the rotation.
             squares = [None if r is None else r.square() for r in (r_left, r_right)]
             state["exp_avg_sq"].copy_(projector.apply_change(state["exp_avg_sq"], *squares))
         self._on_subspace_change(state, policy, r_left, r_right)
 
-    def _guarded_basis(self, grad: torch.Tensor, k: int, side: str, group: dict[str, Any], ordinal: int, step: int,
-                       state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-        """The new basis, or None when the gradient is not finite or the SVD fails or returns NaN."""
+    def _new_basis(self, p: torch.Tensor, k: int, side: str, group: dict[str, Any], ordinal: int, step: int,
+                   state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """The new basis; with the guard, None when the gradient is not finite or the SVD fails or returns NaN."""
+        grad = p.grad
+        if not group["guard"]:
+            return self._basis(grad, k, side, group, ordinal, step, state)
         if not torch.isfinite(grad).all():
             return None
         try:
@@ -300,7 +323,7 @@ class GaLoreAdamW(Optimizer):
                             r_right: torch.Tensor | None) -> None:
         """Subclasses move any other low-rank state into the new basis here."""
 
-    def _precondition(self, group: dict[str, Any], states: list[dict[str, Any]],
+    def _precondition(self, group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, Any]],
                       lows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Subclasses transform the low-rank gradients before Adam here."""
         return lows
@@ -340,20 +363,20 @@ class GaLoreAdamW(Optimizer):
                     denom = exp_avg_sq.sqrt().add_(group["eps"])
                     updates.append(torch.div(exp_avg, denom, out=denom))  # into the same buffer
         for i, (p, state) in enumerate(zip(params, states)):
+            target = self._local(p)
             step_size = lr
             if group["correct_bias"]:
                 t = state["moment_step"].item()
                 step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
             if wd > 0.0 and group["decay_before_update"]:
-                p.mul_(1.0 - lr * wd)
+                target.mul_(1.0 - lr * wd)
             if projected:
                 side = projector.projection_side(group["proj_type"], p.shape)
-                projector.add_projected_back_(p, updates[i], side, state.get("proj_left"), state.get("proj_right"),
-                                              alpha=-step_size * group["scale"])
+                self._add_projected_back(p, target, updates[i], side, state, alpha=-step_size * group["scale"])
             else:
-                _add_adam_update_(p, exp_avgs[i], exp_avg_sqs[i], group["eps"], -step_size)
+                _add_adam_update_(target, exp_avgs[i], exp_avg_sqs[i], group["eps"], -step_size)
             if wd > 0.0 and not group["decay_before_update"]:
-                p.add_(p, alpha=-lr * wd)
+                target.add_(target, alpha=-lr * wd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

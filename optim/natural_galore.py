@@ -30,7 +30,7 @@ from .galore import GaLoreAdamW
 MAX_HISTORY = 20  # the authors' s
 
 
-def woodbury_natural_gradient(history: torch.Tensor, row: int, damping: float
+def woodbury_natural_gradient(history: torch.Tensor, row: int, damping: float, gram: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lambda I + H^T H)^-1 h with h = H[row], flattened; also the s x s system and its Cholesky info.
 
@@ -40,8 +40,10 @@ def woodbury_natural_gradient(history: torch.Tensor, row: int, damping: float
     |h|^2 / lambda times larger than the result and would cancel away float32's digits. The system is
     solved in float64; a nonzero info means rounding broke its positive definiteness (see
     ``damped_solve_fallback``). Rows of zeros (an unfilled history) add nothing to the Fisher.
+    ``gram`` is H H^T when it is known already (summed over the shards of a sharded history).
     """
-    gram = history @ history.T
+    if gram is None:
+        gram = history @ history.T
     size = gram.shape[0]
     system = gram.double() + damping * torch.eye(size, dtype=torch.float64, device=gram.device)
     chol, info = torch.linalg.cholesky_ex(system)
@@ -101,20 +103,26 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         k = projector.effective_rank(group["rank"], p.shape)
         size = group["history"] or auto_history(p.shape, side, k)
         if size > 0:
-            state["history"] = torch.zeros(size, state["exp_avg"].numel(), dtype=p.dtype, device=p.device)
+            state["history"] = torch.zeros(size, state["exp_avg"].numel(), dtype=p.dtype,
+                                           device=state["exp_avg"].device)
 
-    def _precondition(self, group: dict[str, Any], states: list[dict[str, Any]],
+    def _fisher_gram(self, p: torch.Tensor, group: dict[str, Any], history: torch.Tensor) -> torch.Tensor:
+        """H H^T of ``p``'s history (a subclass holding part of each row sums it over the parts)."""
+        return history @ history.T
+
+    def _precondition(self, group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, Any]],
                       lows: list[torch.Tensor]) -> list[torch.Tensor]:
         damping = group["damping"]
         out, pending = [], []
-        for state, low in zip(states, lows):
+        for p, state, low in zip(params, states, lows):
             if "history" not in state:
                 out.append(low)
                 continue
             history = state["history"]
             row = int(state["step"]) % history.shape[0]
             history[row].copy_(low.reshape(-1))
-            natural, system, info = woodbury_natural_gradient(history, row, damping)
+            gram = self._fisher_gram(p, group, history)
+            natural, system, info = woodbury_natural_gradient(history, row, damping, gram)
             out.append(natural.view_as(low))
             pending.append((len(out) - 1, history, row, system, info))
         # One host sync per group to catch the rare Cholesky failure, instead of one per matrix.

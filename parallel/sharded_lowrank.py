@@ -23,8 +23,6 @@ Every collective runs on every rank in the same order: decisions that could diff
 (the guard's "is the gradient finite") are all-reduced first.
 """
 
-import math
-import warnings
 from typing import Any
 
 import torch
@@ -35,7 +33,7 @@ from torch.optim import Optimizer
 from ..errors import UserError
 from ..optim import projector
 from ..optim.galore import GaLoreAdamW
-from ..optim.natural_galore import NaturalGaLoreAdamW, auto_history, damped_solve_fallback
+from ..optim.natural_galore import NaturalGaLoreAdamW
 
 FSDP2_OPTIMIZERS = "adamw, galore and natural_galore"
 
@@ -199,7 +197,8 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
     """GaLoreAdamW for DTensor parameters sharded on dim 0 over a 1-D mesh; all state is local tensors.
 
     Takes GaLoreAdamW's arguments. Projected parameters must be 2-D ``Shard(0)`` DTensors; the others
-    may be DTensors with any placement (their AdamW runs on the local shards).
+    may be DTensors with any placement (their AdamW runs on the local shards). Only the hooks that
+    touch a whole matrix change: GaLoreAdamW's step, Adam and switch policies run as they are.
     """
 
     def _check_group(self, group: dict[str, Any], index: int) -> None:
@@ -210,29 +209,13 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
             if "rank" in group and (p.device_mesh.ndim != 1 or p.placements != (Shard(0),)):
                 raise ValueError(f"projected parameters must be sharded on dim 0 over a 1-D mesh, got {p.placements}")
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["step"] = torch.tensor(0.0)
-        state["moment_step"] = torch.tensor(0.0)
-        local = p.to_local()
-        if "rank" in group:
-            side = projector.projection_side(group["proj_type"], p.shape)
-            k = projector.effective_rank(group["rank"], p.shape)
-            shape = low_rank_local_shape(side, p, k)
-        else:
-            shape = local.shape
-        state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
+    def _local(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
 
-    def _project(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], ordinal: int,
-                 offset: int) -> torch.Tensor | None:
-        side = projector.projection_side(group["proj_type"], p.shape)
-        step = int(state["step"])
-        has_basis = "proj_left" in state or "proj_right" in state
-        if not has_basis or (step - offset) % group["update_proj_gap"] == 0:
-            self._refresh(p, state, group, side, ordinal, step)
-            has_basis = "proj_left" in state or "proj_right" in state
-        if not has_basis:
-            return None
+    def _low_rank_shape(self, p: torch.Tensor, side: str, k: int) -> tuple[int, int]:
+        return low_rank_local_shape(side, p, k)
+
+    def _project_gradient(self, p: torch.Tensor, side: str, state: dict[str, Any]) -> torch.Tensor:
         grad, comm = p.grad.to_local(), _group_of(p)
         left, right = state.get("proj_left"), state.get("proj_right")
         if side == "right":
@@ -241,42 +224,21 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
             return reduce_scatter_columns(left.T @ grad, comm)
         return _all_reduce(left.T @ grad @ right.T, comm)
 
-    def _refresh(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], side: str, ordinal: int,
-                 step: int) -> None:
-        """GaLoreAdamW._refresh with sharded bases and an all-reduced change of basis."""
-        k = projector.effective_rank(group["rank"], p.shape)
-        basis = self._sharded_basis(p, k, side, group, ordinal, step, state)
-        if basis is None:
-            self.refresh_failures += 1
-            warnings.warn("GaLore kept the previous subspace of a matrix: its gradient was not finite or its "
-                          "SVD failed", RuntimeWarning, stacklevel=3)
-            return
-        left, right = basis
-        old_left, old_right = state.get("proj_left"), state.get("proj_right")
-        if left is not None:
-            state["proj_left"] = left.to(dtype=p.dtype, copy=True, memory_format=torch.contiguous_format)
-        if right is not None:
-            state["proj_right"] = right.to(dtype=p.dtype, copy=True, memory_format=torch.contiguous_format)
-        if old_left is None and old_right is None:
-            return
-        policy = group["switch"]
-        r_left = r_right = None
-        if policy == "reset":
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
-            state["moment_step"].zero_()
-        elif policy == "rotate":
-            if side in ("left", "full"):
-                r_left = _all_reduce(state["proj_left"].T @ old_left, _group_of(p))
-            if side in ("right", "full"):
-                r_right = old_right @ state["proj_right"].T
-            state["exp_avg"].copy_(projector.apply_change(state["exp_avg"], r_left, r_right))
-            squares = [None if r is None else r.square() for r in (r_left, r_right)]
-            state["exp_avg_sq"].copy_(projector.apply_change(state["exp_avg_sq"], *squares))
-        self._on_subspace_change(state, policy, r_left, r_right)
+    def _add_projected_back(self, p: torch.Tensor, target: torch.Tensor, update: torch.Tensor, side: str,
+                            state: dict[str, Any], alpha: float) -> None:
+        if side == "left":  # this rank holds a block of the update's columns and all of P's local rows
+            update = all_gather_columns(update, p.shape[1], _group_of(p))
+        super()._add_projected_back(p, target, update, side, state, alpha)
 
-    def _sharded_basis(self, p: DTensor, k: int, side: str, group: dict[str, Any], ordinal: int, step: int,
-                       state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    def _change_of_basis(self, p: torch.Tensor, side: str, old: tuple[torch.Tensor | None, torch.Tensor | None],
+                         state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        r_left, r_right = super()._change_of_basis(p, side, old, state)
+        if r_left is not None:  # P_new^T P_old, summed over the row shards
+            r_left = _all_reduce(r_left, _group_of(p))
+        return r_left, r_right
+
+    def _new_basis(self, p: torch.Tensor, k: int, side: str, group: dict[str, Any], ordinal: int, step: int,
+                   state: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """The new basis, or None (on every rank alike) when the guard rejects the gradient or the SVD."""
         grad, comm = p.grad, _group_of(p)
         device = grad.to_local().device
@@ -305,84 +267,13 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
                 return None
         return left, right
 
-    def _update(self, group: dict[str, Any], params: list[torch.Tensor], lows: list[torch.Tensor],
-                states: list[dict[str, Any]]) -> None:
-        local_params = [p.to_local() for p in params]
-        if "rank" not in group:
-            lows = [low.to_local() if isinstance(low, DTensor) else low for low in lows]
-            super()._update(group, local_params, lows, states)
-            return
-        # GaLoreAdamW._update's Adam, in its order, on the local low-rank gradients.
-        beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
-        for state in states:
-            state["step"] += 1
-            state["moment_step"] += 1
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, lows, alpha=1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_add_(denoms, group["eps"])
-        normalized = torch._foreach_div(exp_avgs, denoms)
-        del denoms
-        for p, local, update, state in zip(params, local_params, normalized, states):
-            step_size = lr
-            if group["correct_bias"]:
-                t = state["moment_step"].item()
-                step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            if wd > 0.0 and group["decay_before_update"]:
-                local.mul_(1.0 - lr * wd)
-            side = projector.projection_side(group["proj_type"], p.shape)
-            if side == "left":
-                update = all_gather_columns(update, p.shape[1], _group_of(p))
-            projector.add_projected_back_(local, update, side, state.get("proj_left"), state.get("proj_right"),
-                                          alpha=-step_size * group["scale"])
-            if wd > 0.0 and not group["decay_before_update"]:
-                local.add_(local, alpha=-lr * wd)
-
 
 class ShardedNaturalGaLoreAdamW(ShardedGaLoreAdamW, NaturalGaLoreAdamW):
     """NaturalGaLoreAdamW on row-sharded DTensors: the history holds this rank's part of each low-rank gradient."""
 
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        ShardedGaLoreAdamW._init_state(self, p, state, group)
-        if "rank" not in group:
-            return
-        side = projector.projection_side(group["proj_type"], p.shape)
-        k = projector.effective_rank(group["rank"], p.shape)
-        size = group["history"] or auto_history(p.shape, side, k)
-        if size > 0:
-            state["history"] = torch.zeros(size, state["exp_avg"].numel(), dtype=p.dtype,
-                                           device=state["exp_avg"].device)
-
-    def _precondition(self, group: dict[str, Any], states: list[dict[str, Any]],
-                      lows: list[torch.Tensor]) -> list[torch.Tensor]:
-        damping = group["damping"]
-        param_of = {id(self.state[p]): p for p in group["params"] if p in self.state}
-        out = []
-        for state, low in zip(states, lows):
-            p = param_of[id(state)]
-            if "history" not in state:
-                out.append(low)
-                continue
-            history = state["history"]
-            row = int(state["step"]) % history.shape[0]
-            history[row].copy_(low.reshape(-1))
-            # The full (k x k) low-rank gradient is replicated; left and right ones are split over ranks.
-            sharded = projector.projection_side(group["proj_type"], p.shape) != "full"
-            gram = history @ history.T
-            if sharded:
-                gram = _all_reduce(gram, _group_of(p))
-            system = gram.double() + damping * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-            chol, info = torch.linalg.cholesky_ex(system)
-            if int(info) == 0:
-                unit = torch.zeros(gram.shape[0], 1, dtype=torch.float64, device=gram.device)
-                unit[row] = 1.0
-                natural = history.T @ torch.cholesky_solve(unit, chol).squeeze(1).to(history.dtype)
-            else:
-                natural = damped_solve_fallback(history, row, system, damping)
-            out.append(natural.view_as(low))
-        return out
+    def _fisher_gram(self, p: torch.Tensor, group: dict[str, Any], history: torch.Tensor) -> torch.Tensor:
+        gram = history @ history.T
+        # The full (k x k) low-rank gradient is replicated; left and right ones are split over ranks.
+        if projector.projection_side(group["proj_type"], p.shape) != "full":
+            gram = _all_reduce(gram, _group_of(p))
+        return gram
