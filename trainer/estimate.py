@@ -357,7 +357,7 @@ def _simulate(cfg: Config, vocab_size: int, accum: int, target: torch.device) ->
             engine = DataParallelEngine(loss_module, model, optimizer, cfg.trainer.grad_clip)
             batch = torch.zeros(cfg.trainer.micro_batch_size, cfg.data.seq_len, dtype=torch.int64)
             with _optimizer_hooks(trace):
-                run_steps(plain, engine, batch, batch, cpu, accum, trace)
+                run_steps(plain, engine, batch, batch, accum, trace)
             trace.begin("done", "temporaries")
         state = _state_tensors(optimizer)
         blocks = transformer_blocks(model)
@@ -478,14 +478,16 @@ def _skip_guard(optimizer: torch.optim.Optimizer) -> None:
 # ---- the training steps, shared by the simulation and the measurement -----------------------------------------
 
 
-def run_steps(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, targets: torch.Tensor,
-              device: torch.device, accum: int, trace: _StepTrace | None = None) -> None:
+def run_steps(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, targets: torch.Tensor, accum: int,
+              trace: _StepTrace | None = None) -> None:
     """``SIMULATED_STEPS`` optimizer steps of ``trainer/train.py``'s loop on one batch, without data or logging.
 
     ``accum`` is the run's micro-batches per step on each rank. Of such a window only the first and
     the last micro-batch run: the ones between hold what the first one does (gradients being
     accumulated, no optimizer step), so the peak is the same.
     """
+    from .train import micro_batch
+
     scale = 1.0 / (inputs.numel() * accum)
     moe = engine.model.moe_config(cfg.moe) if cfg.model.hf else cfg.moe  # as the trainer: HF MoE brings its experts
     balance = BalanceCollector(moe, group=None) if moe.num_experts else None
@@ -497,14 +499,9 @@ def run_steps(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, tar
     for step in range(1, SIMULATED_STEPS + 1):
         for micro in ([accum] if accum == 1 else [1, accum]):
             where = f"step {step}" + (f", micro-batch {micro} of {accum}" if accum > 1 else "")
-            with engine.micro_step(micro == accum):
-                begin(f"{where}, forward", "temporaries")
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.dtype == "bf16"):
-                    loss = engine.module(inputs, targets, balance)
-                aux = balance.loss() / accum if balance is not None else 0.0
-                begin(f"{where}, backward", "logits_and_loss")
-                engine.backward(loss * scale + aux)
-                del loss, aux
+            begin(f"{where}, forward", "temporaries")
+            micro_batch(cfg, engine, inputs, targets, balance, scale, accum, is_last=micro == accum,
+                        before_backward=lambda: begin(f"{where}, backward", "logits_and_loss"))
         begin(f"step {step}, optimizer", "temporaries")
         engine.step()
         engine.zero_grad()
@@ -726,7 +723,7 @@ def measure(cfg: Config) -> dict[str, Any]:
         inputs = torch.randint(vocab_size, (cfg.trainer.micro_batch_size, cfg.data.seq_len), device=device)
         targets = torch.randint(vocab_size, inputs.shape, device=device)
         try:
-            run_steps(cfg, engine, inputs, targets, device, accum)
+            run_steps(cfg, engine, inputs, targets, accum)
         finally:
             if hasattr(engine.optimizer, "close"):
                 engine.optimizer.close()

@@ -9,6 +9,7 @@ import dataclasses
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..nn.model import Transformer, resolve_model_config
 from ..optim.build import FREEZING_OPTIMIZERS, build_optimizer
 from ..optim.groups import count_state_bytes
 from ..parallel.world import World, close_world, init_world
-from ..parallel.wrap import build_engine
+from ..parallel.wrap import DataParallelEngine, build_engine
 from .config import Config, accumulation_steps, fingerprint, to_dict, to_yaml
 from .data import build_data
 from .metrics import MetricsLogger, perplexity
@@ -75,8 +76,9 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len), cfg.moe)
 
 
-def autocast(cfg: Config, world: World):
-    return torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=cfg.trainer.dtype == "bf16")
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on ``device`` when ``trainer.dtype`` is bf16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.dtype == "bf16")
 
 
 @torch.no_grad()
@@ -99,7 +101,7 @@ def evaluate(loss_module: LanguageModelLoss, data, cfg: Config, world: World, mo
             inputs, targets = inputs.to(world.device), targets.to(world.device)
             if routing is not None:
                 routing.set_domains(torch.full((inputs.shape[0],), d))
-            with autocast(cfg, world):
+            with autocast(cfg, world.device):
                 totals[d, 0] += loss_module(inputs, targets, routing).double()
             if routing is not None:
                 routing.loss()
@@ -115,6 +117,25 @@ def evaluate(loss_module: LanguageModelLoss, data, cfg: Config, world: World, mo
                   for layer, c in sorted(routing.domain_counts().items())}
         out.update(domain_routing_metrics(counts, data.domain_names, moe.top_k, "val_moe/"))
     return out
+
+
+def micro_batch(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, targets: torch.Tensor,
+                balance: BalanceCollector | None, scale: float, accum: int, is_last: bool,
+                before_backward: Callable[[], None] | None = None) -> torch.Tensor:
+    """Forward and backward of one micro-batch of an accumulation window; returns its summed loss, detached.
+
+    The loss is scaled by ``scale`` (see the loop), the MoE balance loss by 1 / ``accum``; gradients
+    are synchronised across ranks only at the window's last micro-batch. ``before_backward`` marks
+    the boundary for ``leantrain estimate``'s trace.
+    """
+    with engine.micro_step(is_last):
+        with autocast(cfg, inputs.device):
+            loss = engine.module(inputs, targets, balance)
+        aux = balance.loss() / accum if balance is not None else 0.0
+        if before_backward is not None:
+            before_backward()
+        engine.backward(loss * scale + aux)
+    return loss.detach()
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -181,13 +202,8 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
         for i, (inputs, targets) in enumerate(micro_batches):
             inputs, targets = inputs.to(world.device), targets.to(world.device)
-            is_last = i == accum - 1
-            with engine.micro_step(is_last):
-                with autocast(cfg, world):
-                    loss = engine.module(inputs, targets, balance)
-                aux = balance.loss() / accum if balance is not None else 0.0
-                engine.backward(loss * scale + aux)
-            loss_sum += loss.detach().double()
+            loss = micro_batch(cfg, engine, inputs, targets, balance, scale, accum, is_last=i == accum - 1)
+            loss_sum += loss.double()
         checkpointer.wait_before_step()
         grad_norm = engine.step()
         scheduler.step()
