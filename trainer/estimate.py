@@ -486,10 +486,10 @@ def run_steps(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, tar
     the last micro-batch run: the ones between hold what the first one does (gradients being
     accumulated, no optimizer step), so the peak is the same.
     """
-    from .train import micro_batch
+    from .train import micro_batch, moe_config_of
 
     scale = 1.0 / (inputs.numel() * accum)
-    moe = engine.model.moe_config(cfg.moe) if cfg.model.hf else cfg.moe  # as the trainer: HF MoE brings its experts
+    moe = moe_config_of(cfg, engine.model)
     balance = BalanceCollector(moe, group=None) if moe.num_experts else None
 
     def begin(phase: str, region: str) -> None:

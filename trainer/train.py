@@ -76,6 +76,11 @@ def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len), cfg.moe)
 
 
+def moe_config_of(cfg: Config, model: torch.nn.Module) -> MoEConfig:
+    """The run's MoE settings: ``cfg.moe``, or for ``model.hf`` the HF model's experts with ``cfg.moe``'s balancing."""
+    return model.moe_config(cfg.moe) if cfg.model.hf else cfg.moe
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast on ``device`` when ``trainer.dtype`` is bf16."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.trainer.dtype == "bf16")
@@ -165,7 +170,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     loader = data.train_loader(tcfg.micro_batch_size)
     progress = Progress()
     # MoE layers record routing statistics here; in `global` mode it all-reduces expert counts.
-    moe = model.moe_config(cfg.moe) if cfg.model.hf else cfg.moe  # an HF MoE model brings its experts
+    moe = moe_config_of(cfg, model)
     balance = BalanceCollector(moe, group=world.group) if moe.num_experts else None
 
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, fingerprint(cfg), world.rank, world.world_size, world.barrier)

@@ -333,7 +333,9 @@ def test_keeper_killed_in_the_middle_of_a_disk_write_leaves_the_previous_checkpo
     checkpointer.close(shutdown_keeper=True)
 
 
-def test_local_ranks_share_the_replicated_state_and_restore_their_own(tmp_path):
+def train_three_steps_then_crash(tmp_path: Path):
+    """A rank's work: three steps with a memory snapshot each, then a crash that leaves the keepers running."""
+
     def train(rank, layout, barrier):
         run = Rank(rank)
         checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
@@ -343,43 +345,35 @@ def test_local_ranks_share_the_replicated_state_and_restore_their_own(tmp_path):
             checkpointer.after_step(step, run.replicated(), run.per_rank())
         crash(checkpointer)
 
+    return train
+
+
+def resume_from_fresh_state(tmp_path: Path, seed: int):
+    """A rank's work: restore into states drawn from ``seed`` + rank; returns (step, source, restored states)."""
+
     def resume(rank, layout, barrier):
-        run = Rank(rank, seed=50 + rank)
+        run = Rank(rank, seed=seed + rank)
         checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
         step = checkpointer.restore(run.replicated(), run.per_rank())
         flat = run.flat()
         checkpointer.close(shutdown_keeper=True)
         return step, checkpointer.restore_source, flat
 
-    run_ranks(layouts(1, 2), train)
-    for rank, ((step, source, flat), _) in enumerate(run_ranks(layouts(1, 2), resume)):
+    return resume
+
+
+def test_local_ranks_share_the_replicated_state_and_restore_their_own(tmp_path):
+    run_ranks(layouts(1, 2), train_three_steps_then_crash(tmp_path))
+    for rank, ((step, source, flat), _) in enumerate(run_ranks(layouts(1, 2), resume_from_fresh_state(tmp_path, 50))):
         assert (step, source) == (3, "memory")
         assert_equal(flat, reference(3, rank))
 
 
 def test_ranks_that_changed_nodes_get_their_own_state(tmp_path):
     """A node restarted alone may get another group rank from torchrun: ranks then swap nodes."""
-
-    def train(rank, layout, barrier):
-        run = Rank(rank)
-        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
-        checkpointer.restore(run.replicated(), run.per_rank())
-        for step in range(1, 4):
-            run.step(checkpointer)
-            checkpointer.after_step(step, run.replicated(), run.per_rank())
-        crash(checkpointer)
-
-    def resume(rank, layout, barrier):
-        run = Rank(rank, seed=40 + rank)
-        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
-        step = checkpointer.restore(run.replicated(), run.per_rank())
-        flat = run.flat()
-        checkpointer.close(shutdown_keeper=True)
-        return step, checkpointer.restore_source, flat
-
-    run_ranks(layouts(2, 1), train)
+    run_ranks(layouts(2, 1), train_three_steps_then_crash(tmp_path))
     swapped = [NodeLayout(node=r, nnodes=2, local_rank=0, local_world_size=1, name=f"node{1 - r}") for r in range(2)]
-    for rank, ((step, source, flat), _) in enumerate(run_ranks(swapped, resume)):
+    for rank, ((step, source, flat), _) in enumerate(run_ranks(swapped, resume_from_fresh_state(tmp_path, 40))):
         assert (step, source) == (3, "memory")
         assert_equal(flat, reference(3, rank))
 

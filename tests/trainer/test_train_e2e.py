@@ -86,18 +86,23 @@ def test_resume_is_bitwise_identical(tiny_overrides, tmp_path):
     assert {"event": "resume", "step": 10, "source": "disk"} in metrics(split)
 
 
-def test_ddp_two_ranks_match_one_rank_with_double_micro_batch(tiny_overrides, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    common = [*tiny_overrides, "trainer.max_steps=5", "trainer.global_batch_size=8"]
+def assert_two_ranks_match_one(common: list[str], two_rank_micro_batch: int, one: Path, two: Path,
+                               steps: int) -> None:
+    """Train ``common`` in one process (micro-batch 8) and on 2 ranks; the logged losses agree to 1e-5."""
     r1 = run_leantrain(["train", "quickstart", *common, "trainer.micro_batch_size=8", f"trainer.run_dir={one}"])
     assert r1.returncode == 0, r1.stderr
-    r2 = run_leantrain(["quickstart", *common, "trainer.micro_batch_size=4", f"trainer.run_dir={two}"],
-                       torchrun_nproc=2)
+    r2 = run_leantrain(["quickstart", *common, f"trainer.micro_batch_size={two_rank_micro_batch}",
+                        f"trainer.run_dir={two}"], torchrun_nproc=2)
     assert r2.returncode == 0, r2.stderr + r2.stdout
     l1, l2 = step_losses(one), step_losses(two)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4, 5]
+    assert sorted(l1) == sorted(l2) == list(range(1, steps + 1))
     for step in l1:
         assert abs(l1[step] - l2[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l2[step])
+
+
+def test_ddp_two_ranks_match_one_rank_with_double_micro_batch(tiny_overrides, tmp_path):
+    common = [*tiny_overrides, "trainer.max_steps=5", "trainer.global_batch_size=8"]
+    assert_two_ranks_match_one(common, 4, tmp_path / "one", tmp_path / "two", steps=5)
 
 
 def test_unknown_key_in_file_fails_cleanly(tmp_path):
@@ -198,16 +203,8 @@ def test_lisa_under_ddp_matches_one_rank(tiny_overrides, tmp_path):
     common = [*tiny_overrides, "model.n_layers=4", "optim.name=lisa", "optim.lisa.n_layers=1", "optim.lisa.interval=2",
               "trainer.max_steps=6", "trainer.global_batch_size=8", "trainer.eval_interval=0", "trainer.seed=0"]
     assert len({tuple(sample_layers(4, 1, 0, k)) for k in range(3)}) > 1, "the active block never changes"
-    r1 = run_leantrain(["train", "quickstart", *common, "trainer.micro_batch_size=8", f"trainer.run_dir={one}"])
-    assert r1.returncode == 0, r1.stderr
     # Micro-batches of 2 on 2 ranks: 2 accumulation steps, so no_sync windows are crossed as well.
-    r2 = run_leantrain(["quickstart", *common, "trainer.micro_batch_size=2", f"trainer.run_dir={two}"],
-                       torchrun_nproc=2)
-    assert r2.returncode == 0, r2.stderr + r2.stdout
-    l1, l2 = step_losses(one), step_losses(two)
-    assert sorted(l1) == sorted(l2) == list(range(1, 7))
-    for step in l1:
-        assert abs(l1[step] - l2[step]) <= 1e-5 * abs(l1[step]), (step, l1[step], l2[step])
+    assert_two_ranks_match_one(common, 2, one, two, steps=6)
     a = load_file(one / "final" / "model.safetensors")
     b = load_file(two / "final" / "model.safetensors")
     for name in a:  # Adam's normalised step can turn the reduction's rounding into a sliver of one lr step
