@@ -1,13 +1,16 @@
-"""8-bit optimizer states: AdamW8bit and GaLoreAdamW8bit against float64 references of the same algorithm."""
+"""8-bit optimizer states: AdamW8bit and GaLoreAdamW8bit against float64 references of the same algorithm;
+FRUGAL, LISA and Natural GaLore against their 32-bit selves; resume through weights_only loads."""
 
+import copy
 import io
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from leantrain.errors import UserError
-from leantrain.optim import AdamW, AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit
+from leantrain.optim import FRUGAL, LISA, AdamW, AdamW8bit, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW
 from leantrain.optim.groups import count_state_bytes
 from leantrain.optim.quantize import BLOCK_SIZE, dynamic_map
 from support import reference_quantize
@@ -188,3 +191,128 @@ def test_8bit_training_tracks_32_bit():
                        lambda w: GaLoreAdamW8bit([{"params": [w], "rank": 32, "update_proj_gap": 50}], lr=0.05))):
         a, b = run(full), run(low)
         assert a < 0.2 * start and abs(b - a) <= 0.05 * a + 1e-3 * start
+
+
+# --- FRUGAL, LISA, Natural GaLore: one 8-bit step against their 32-bit selves on the dequantised state ---
+
+
+class Blocks(nn.Module):
+    """Four blocks of 64 x 96 linears (6144 weights: quantised), an embedding and a head."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.embed = nn.Parameter(torch.randn(80, 64, generator=gen) * 0.1)
+        self.layers = nn.ModuleList(nn.Linear(64, 64, bias=False) for _ in range(4))
+        for layer in self.layers:
+            layer.weight.data = torch.randn(96, 64, generator=gen)[:64] * 0.1
+        self.head = nn.Parameter(torch.randn(64, 80, generator=gen) * 0.1)
+
+
+def frugal(params, state_bits, selection):
+    return FRUGAL([{"params": params[:2], "projectable": True}, {"params": params[2:]}], lr=LR, weight_decay=WD,
+                  density=0.5, update_gap=2, selection=selection, state_bits=state_bits)
+
+
+def natural_galore(params, state_bits):
+    return NaturalGaLoreAdamW([{"params": params[:1], "rank": 64, "update_proj_gap": 3}, {"params": params[1:]}],
+                              lr=LR, history=3, state_bits=state_bits)
+
+
+def lisa(model, state_bits):
+    return LISA(model, n_layers=2, interval=3, lr=LR, weight_decay=WD, state_bits=state_bits)
+
+
+def dequantized_state_dict(opt) -> dict:
+    """``opt.state_dict()`` with every 8-bit moment replaced by its float32 value, and 32-bit groups."""
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        group["state_bits"] = 32  # a load restores every hyper-parameter as saved
+    for state in saved["state"].values():
+        for name in ("exp_avg", "exp_avg_sq"):
+            if f"{name}_codes" in state:
+                state[name] = dequantized(state, name).float()
+                del state[f"{name}_codes"], state[f"{name}_absmax"]
+    return saved
+
+
+def random_grads(params, step):
+    return [torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i)) * 0.1
+            for i, p in enumerate(params)]
+
+
+CASES = {
+    "frugal-columns": lambda params, bits, model: frugal(params, bits, "columns"),
+    "frugal-block": lambda params, bits, model: frugal(params, bits, "block"),
+    "frugal-svd": lambda params, bits, model: frugal(params, bits, "svd"),
+    "natural_galore": lambda params, bits, model: natural_galore(params, bits),
+    "lisa": lambda params, bits, model: lisa(model, bits),
+}
+
+
+def case_params():
+    model = Blocks()
+    params = [model.layers[0].weight, model.layers[1].weight, model.embed, model.head,
+              model.layers[2].weight, model.layers[3].weight]
+    return model, params
+
+
+def step_all(opt, params, step):
+    for p, g in zip(params, random_grads(params, step)):
+        p.grad = g if p.requires_grad else None
+    opt.step()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_8bit_step_is_the_32_bit_step_on_the_dequantised_moments(case):
+    model, params = case_params()
+    opt = CASES[case](params, 8, model)
+    for t in range(4):
+        step_all(opt, params, t)
+    assert any("exp_avg_codes" in s for s in opt.state.values())
+    model32, params32 = case_params()
+    with torch.no_grad():
+        for a, b in zip(params32, params):
+            a.copy_(b)
+    ref = CASES[case](params32, 32, model32)
+    ref.load_state_dict(dequantized_state_dict(opt))
+    for p, q in zip(params32, params):
+        q.requires_grad_(p.requires_grad)
+    step_all(opt, params, 4)
+    step_all(ref, params32, 4)
+    for a, b in zip(params, params32):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for p, p32 in zip(params, params32):
+        state, state32 = opt.state.get(p, {}), ref.state.get(p32, {})
+        if "exp_avg_codes" not in state:
+            continue
+        for name in ("exp_avg", "exp_avg_sq"):
+            codes, absmax = reference_quantize(state32[name], dynamic_map(name == "exp_avg"))
+            torch.testing.assert_close(state[f"{name}_absmax"], absmax, rtol=1e-6, atol=0)
+            assert_codes_close(state[f"{name}_codes"], codes)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_8bit_resume_is_bit_exact(case):
+    model, params = case_params()
+    straight = CASES[case](params, 8, model)
+    for t in range(8):
+        step_all(straight, params, t)
+    model2, params2 = case_params()
+    first = CASES[case](params2, 8, model2)
+    for t in range(5):
+        step_all(first, params2, t)
+    buffer = io.BytesIO()
+    torch.save({"optim": first.state_dict(), "params": [p.detach() for p in params2]}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model3, params3 = case_params()
+    with torch.no_grad():
+        for p, value in zip(params3, saved["params"]):
+            p.copy_(value)
+    resumed = CASES[case](params3, 8, model3)
+    resumed.load_state_dict(saved["optim"])
+    for t in range(5, 8):
+        step_all(resumed, params3, t)
+    for a, b in zip(params, params3):
+        assert torch.equal(a, b)
