@@ -55,6 +55,8 @@ class TrainerConfig:
     """Autocast dtype of forward and backward: bf16 | fp32 (the weights stay in model.param_dtype)."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    memory_check: bool = True
+    """Before building the model, refuse a run whose memory plan (leantrain estimate) exceeds the device's free memory."""
 
 
 @dataclass
@@ -98,8 +100,8 @@ NON_NEGATIVE = ("trainer.stop_at_step", "trainer.eval_interval", "trainer.grad_c
 
 # Keys that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.stop_at_step", "trainer.run_dir", "trainer.eval_interval",
-                     "trainer.eval_batches", "trainer.micro_batch_size", "trainer.device", "checkpoint",
-                     "logging", "data.cache_dir")
+                     "trainer.eval_batches", "trainer.micro_batch_size", "trainer.device", "trainer.memory_check",
+                     "checkpoint", "logging", "data.cache_dir")
 
 
 def bundled_configs() -> list[str]:

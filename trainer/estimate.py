@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import warnings
@@ -614,6 +615,41 @@ def estimate(cfg: Config, world_size: int = 1) -> Estimate:
         est.notes.append("model.compile: estimated eagerly; compiled blocks can keep fewer activations")
     if cfg.moe.num_experts:
         est.notes.append("moe: experts assumed to receive equal shares of the tokens")
+    return est
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes still free for this process on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise UserError("trainer.memory_check: cannot read MemAvailable from /proc/meminfo; "
+                    "set trainer.memory_check=false to run without the check")
+
+
+def check_fits(cfg: Config, world_size: int, device: torch.device) -> Estimate:
+    """The plan of one rank of ``cfg``; a ``UserError`` holding its table when it exceeds ``device``'s free memory.
+
+    On the CPU the plan's host components count as well, once for every rank on this host
+    (``LOCAL_WORLD_SIZE``). The trace draws nothing from the global generators (FRUGAL's and LISA's
+    choices come from the optimizers' own), and they are restored anyway, so the run is unchanged.
+    """
+    with torch.random.fork_rng(devices=[]):
+        est = estimate(cfg, world_size)
+    need = est.device_peak
+    if device.type == "cpu":
+        need = (need + sum(est.host.values())) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    free = free_memory(device)
+    if need > free:
+        raise UserError(f"the run's memory plan needs {format_bytes(need)} on {device.type} but {format_bytes(free)} "
+                        "is free; shrink the run (trainer.micro_batch_size, model.activation_checkpointing, "
+                        "model.param_dtype, optim.state_bits, ...) or set trainer.memory_check=false to try anyway\n"
+                        + format_estimate(est))
     return est
 
 

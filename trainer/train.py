@@ -29,6 +29,7 @@ from ..parallel.world import World, close_world, init_world
 from ..parallel.wrap import DataParallelEngine, build_engine
 from .config import Config, accumulation_steps, fingerprint, to_dict, to_yaml
 from .data import build_data
+from .estimate import check_fits
 from .metrics import MetricsLogger, perplexity
 from .schedule import build_scheduler
 
@@ -182,6 +183,8 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     accum = accumulation_steps(tcfg, world.world_size)
     torch.manual_seed(tcfg.seed)
     random.seed(tcfg.seed)
+    if tcfg.memory_check:
+        check_fits(cfg, world.world_size, world.device)
 
     data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
     model = build_model(cfg, data.vocab_size)
