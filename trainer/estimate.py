@@ -632,15 +632,25 @@ def free_memory(device: torch.device) -> int:
                     "set trainer.memory_check=false to run without the check")
 
 
-def check_fits(cfg: Config, world_size: int, device: torch.device) -> Estimate:
+def check_fits(cfg: Config, world_size: int, device: torch.device) -> "Estimate | None":
     """The plan of one rank of ``cfg``; a ``UserError`` holding its table when it exceeds ``device``'s free memory.
+
+    None, with a warning, for a run the trace cannot follow (APOLLO through apollo-torch).
 
     On the CPU the plan's host components count as well, once for every rank on this host
     (``LOCAL_WORLD_SIZE``). The trace draws nothing from the global generators (FRUGAL's and LISA's
     choices come from the optimizers' own), and they are restored anyway, so the run is unchanged.
     """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
     with torch.random.fork_rng(devices=[]):
-        est = estimate(cfg, world_size)
+        try:
+            est = estimate(cfg, world_size)
+        except (DataDependentOutputException, DynamicOutputShapeException) as error:
+            # Code the trace cannot follow (apollo-torch reads a random draw's value): say so, and run unchecked.
+            warnings.warn(f"trainer.memory_check: the run's memory plan cannot be traced ({type(error).__name__}: "
+                          f"{error}); running without the check")
+            return None
     need = est.device_peak
     if device.type == "cpu":
         need = (need + sum(est.host.values())) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

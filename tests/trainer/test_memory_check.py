@@ -1,13 +1,15 @@
 """The trainer refuses, before building the model, a run whose memory plan exceeds the free memory."""
 
+import pytest
+import torch
+
 from leantrain.trainer import estimate, train
 from leantrain.trainer.cli import main
+from leantrain.trainer.config import load_config
 from leantrain.trainer.estimate import free_memory
 
 
 def test_free_memory_of_the_host_is_meminfo_s_available():
-    import torch
-
     free = free_memory(torch.device("cpu"))
     total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
     assert 0 < free <= total
@@ -37,3 +39,11 @@ def test_the_check_can_be_turned_off(tiny_overrides, monkeypatch):
     monkeypatch.setattr(estimate, "free_memory", lambda device: 1 << 20)
     assert main(["train", "quickstart", *tiny_overrides, "trainer.memory_check=false", "trainer.max_steps=1",
                  "trainer.eval_interval=0"]) == 0
+
+
+def test_a_plan_the_trace_cannot_follow_warns_and_runs_unchecked(tiny_overrides, monkeypatch):
+    pytest.importorskip("apollo_torch")
+    monkeypatch.setattr(estimate, "free_memory", lambda device: 1 << 20)
+    cfg = load_config("quickstart", [*tiny_overrides, "optim.name=apollo"])
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        assert estimate.check_fits(cfg, 1, torch.device("cpu")) is None
