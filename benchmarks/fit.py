@@ -10,7 +10,8 @@ plus ``--preset`` and any ``key=value`` overrides. It goes through the trainer's
 memory check that refuses a run whose plan exceeds MemAvailable, the model built on the meta device
 and materialised in bf16, the loss, the engine and optimizer, and the loop's ``micro_batch`` and
 ``engine.step``, on random tokens (no corpus is tokenized). It prints each step's loss and the
-process's peak resident set (VmHWM). With ``--measure`` (the default for presets other than 7b) it
+process's peak resident set (VmHWM), with glibc set to give freed tensors back at once
+(``--no-return-freed-memory`` keeps its default, whose cached frees add to the resident set). With ``--measure`` (the default for presets other than 7b) it
 then runs ``leantrain estimate --measure``'s measurement (two more steps of a fresh model under the
 profiler) and prints the estimate against it.
 """
@@ -21,6 +22,7 @@ import resource
 import time
 
 import torch
+from allocator import return_freed_memory
 
 from leantrain.parallel.world import World
 from leantrain.parallel.wrap import build_engine
@@ -51,8 +53,12 @@ def main() -> None:
     parser.add_argument("--preset", default="7b")
     parser.add_argument("--measure", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure two steps under the profiler against the estimate (default: not for 7b)")
+    parser.add_argument("--return-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="glibc unmaps every freed allocation of 1 MiB or more (benchmarks/allocator.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    if args.return_freed_memory:
+        return_freed_memory()
     cfg = load_config("galore_7b", [*SETTINGS, f"model.preset={args.preset}", *args.overrides])
     print(f"`python benchmarks/fit.py --preset {args.preset}`: torch {torch.__version__}, {platform.machine()}, "
           f"{torch.get_num_threads()} threads; galore_7b with {' '.join(SETTINGS + args.overrides)}", flush=True)

@@ -212,3 +212,16 @@ def test_mistakes_are_one_line_errors(capsys):
     assert "--world-size" in capsys.readouterr().err
     assert main(["estimate", "quickstart", "parallel.backend=deepspeed", "optim.name=galore"]) == 2
     assert "cannot run GaLoreAdamW" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_galore_7b_plans_within_22_gib_on_cuda(capsys):
+    """The bundled 7B config (about a minute: the 7B model's steps traced on fake tensors)."""
+    assert main(["estimate", "galore_7b", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run, device = out["run"], out["device"]
+    assert run["model"] == "7b" and run["parameters"] > 6.7e9 and run["device"] == "cuda" and run["layerwise"]
+    assert device["peak"] <= 22 * 2**30
+    assert device["largest"]["weights"] == pytest.approx(2 * run["parameters"], rel=1e-3)  # bf16
+    assert device["largest"]["weight_casts"] == 0
+    assert device["largest"]["temporaries"] < 2**30
