@@ -65,6 +65,9 @@ BENCHMARKS = (
                "model.n_kv_heads=2", "model.intermediate_size=128", "data.seq_len=64", "trainer.global_batch_size=4",
                "trainer.micro_batch_size=4", "trainer.eval_batches=2")),
     Benchmark("galore_memory", "galore_memory.py", (), ()),
+    # Three 200-step runs of the 60m preset (about 40 minutes on 2 loaded cores at these sizes).
+    Benchmark("lowbit", "lowbit.py", ("--seq-len", "32", "--batch", "4"),
+              ("--steps", "3", "--seq-len", "16", "--batch", "2", "--val-batches", "1")),
     Benchmark("cce_gpu", "cce_gpu.py", (), ("--shapes", "llama3", "--repeats", "2", "--warmup", "1"),
               needs_cuda=True),
     Benchmark("offload_gpu", "offload_gpu.py", (), ("--preset", "60m", "--steps", "2", "--warmup", "1"),

@@ -101,3 +101,15 @@ def test_traceable_on_fake_tensors():
         codes, absmax = torch.empty(x.shape, dtype=torch.uint8), torch.empty(math.ceil(5000 / 256))
         quantize_(x, table, codes, absmax)
         assert dequantize(codes, absmax, table).shape == (5000,)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_prefix_lookup_equals_a_binary_search(signed):
+    """The 16-bit prefix table plus comparisons gives bucketize's codes, at and next to every boundary too."""
+    table = CodeTable(signed)
+    b = table.boundaries
+    near = torch.cat([b, torch.nextafter(b, torch.tensor(2.0)), torch.nextafter(b, torch.tensor(-2.0))])
+    uniform = torch.rand(1 << 16) * (2 if signed else 1) - (1 if signed else 0)
+    x = torch.cat([near, uniform, torch.tensor([0.0, -0.0, 1.0])])
+    x = x.clamp(-1 if signed else 0, 1)
+    assert torch.equal(table.codes(x), torch.bucketize(x, b, out_int32=True))
