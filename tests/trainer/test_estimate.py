@@ -224,4 +224,4 @@ def test_galore_7b_plans_within_22_gib_on_cuda(capsys):
     assert device["peak"] <= 22 * 2**30
     assert device["largest"]["weights"] == pytest.approx(2 * run["parameters"], rel=1e-3)  # bf16
     assert device["largest"]["weight_casts"] == 0
-    assert device["largest"]["temporaries"] < 2**30
+    assert device["largest"]["temporaries"] < device["largest"]["weights"] / 10  # no model-sized temporary
