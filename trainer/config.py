@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..moe.config import MoEConfig
 from ..nn.config import ModelConfig
 from ..nn.loss import LOSS_IMPLS, LossConfig
-from ..nn.model import PRESETS
+from ..nn.model import PARAM_DTYPES, PRESETS
 from ..optim.build import OPTIMIZERS
 from ..optim.config import OptimConfig
 from ..optim.frugal import BLOCK_ORDERS, SELECTIONS, STATE_FREE_RULES
@@ -53,9 +53,11 @@ class TrainerConfig:
     eval_batches: int = 8
     """Validation micro-batches per evaluation, per rank."""
     dtype: str = "bf16"
-    """Autocast dtype of forward and backward: bf16 | fp32 (weights and optimizer state stay fp32)."""
+    """Autocast dtype of forward and backward: bf16 | fp32 (the weights stay in model.param_dtype)."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    memory_check: bool = True
+    """Before building the model, refuse a run whose memory plan (leantrain estimate) exceeds the device's free memory."""
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS),
     "model.norm": ("pre", "post", "peri"),
+    "model.param_dtype": PARAM_DTYPES,
     "data.source": SOURCES,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,
@@ -98,8 +101,8 @@ NON_NEGATIVE = ("trainer.stop_at_step", "trainer.eval_interval", "trainer.grad_c
 
 # Keys that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.stop_at_step", "trainer.run_dir", "trainer.eval_interval",
-                     "trainer.eval_batches", "trainer.micro_batch_size", "trainer.device", "checkpoint",
-                     "logging", "data.cache_dir")
+                     "trainer.eval_batches", "trainer.micro_batch_size", "trainer.device", "trainer.memory_check",
+                     "checkpoint", "logging", "data.cache_dir")
 
 
 def bundled_configs() -> list[str]:

@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import warnings
@@ -181,7 +182,7 @@ class _StepTrace(TorchDispatchMode):
 
     def track(self, t: torch.Tensor, component: str) -> None:
         """Count ``t``'s storage in ``component`` if it is new."""
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
             return
         storage = t.untyped_storage()
         key = storage._cdata
@@ -327,24 +328,38 @@ def _simulate(cfg: Config, vocab_size: int, accum: int, target: torch.device) ->
     allocator rounds them, and the CPU's mixed-dtype copies are left out.
     """
     from ..parallel.fsdp import transformer_blocks
-    from .train import build_model
+    from .train import build_model, materialize_model
 
     # Compiled blocks run eagerly; offload is composed from the plain optimizer's state (module docstring).
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False),
                                 optim=dataclasses.replace(cfg.optim, offload="none"))
     trace = _StepTrace(target)
     cpu = torch.device("cpu")
-    with warnings.catch_warnings(), FakeTensorMode(), cpu, _hf_config_only(plain) as plain:
+    mode = FakeTensorMode()
+    with warnings.catch_warnings(), cpu, _hf_config_only(plain) as plain:
         # Full backward hooks warn that the model's input (token ids) needs no gradient: true, and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        with trace:
+        if plain.model.hf:  # faked, and traced: the adapter checks its logits, which the trace answers
+            with mode, trace:
+                model = build_model(plain, vocab_size)
+        else:  # on the meta device, for real: it holds nothing
             model = build_model(plain, vocab_size)
-            loss_module = LanguageModelLoss(model, cfg.loss)
-        _check_optimizer(cfg, model)
-        with trace:
-            params = list(model.parameters())
-            for t in [*params, *model.buffers()]:
+
+        def allocated() -> None:
+            for t in [*model.parameters(), *model.buffers()]:
                 trace.mark(t, "weights")
+            trace.switch("temporaries")  # the initialisation's own draws
+
+        with mode:
+            trace.begin("build", "weights")
+            with trace, _real_inputs_allowed(mode):  # to_empty's empty_like of the real meta tensors
+                materialize_model(plain, model, cpu, allocated)
+            with trace:
+                loss_module = LanguageModelLoss(model, cfg.loss)
+            _check_optimizer(cfg, model)
+        with mode, trace:
+            params = list(model.parameters())
+            allocated()
             trace.watch_params(params)
             _watch(trace, model)
             trace.begin("optimizer construction", "temporaries")
@@ -371,6 +386,15 @@ def _simulate(cfg: Config, vocab_size: int, accum: int, target: torch.device) ->
             root_bytes=_nbytes([p for p in params if id(p) not in in_blocks]),
             vocab_size=model.head_weight.shape[0],
         )
+
+
+@contextmanager
+def _real_inputs_allowed(mode: FakeTensorMode) -> Iterator[None]:
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+    try:
+        yield
+    finally:
+        mode.allow_non_fake_inputs = allowed
 
 
 @contextmanager
@@ -594,6 +618,51 @@ def estimate(cfg: Config, world_size: int = 1) -> Estimate:
     return est
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes still free for this process on ``device``: CUDA's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise UserError("trainer.memory_check: cannot read MemAvailable from /proc/meminfo; "
+                    "set trainer.memory_check=false to run without the check")
+
+
+def check_fits(cfg: Config, world_size: int, device: torch.device) -> "Estimate | None":
+    """The plan of one rank of ``cfg``; a ``UserError`` holding its table when it exceeds ``device``'s free memory.
+
+    None, with a warning, for a run the trace cannot follow (APOLLO through apollo-torch).
+
+    On the CPU the plan's host components count as well, once for every rank on this host
+    (``LOCAL_WORLD_SIZE``). The trace draws nothing from the global generators (FRUGAL's and LISA's
+    choices come from the optimizers' own), and they are restored anyway, so the run is unchanged.
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            est = estimate(cfg, world_size)
+        except (DataDependentOutputException, DynamicOutputShapeException) as error:
+            # Code the trace cannot follow (apollo-torch reads a random draw's value): say so, and run unchecked.
+            warnings.warn(f"trainer.memory_check: the run's memory plan cannot be traced ({type(error).__name__}: "
+                          f"{error}); running without the check")
+            return None
+    need = est.device_peak
+    if device.type == "cpu":
+        need = (need + sum(est.host.values())) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    free = free_memory(device)
+    if need > free:
+        raise UserError(f"the run's memory plan needs {format_bytes(need)} on {device.type} but {format_bytes(free)} "
+                        "is free; shrink the run (trainer.micro_batch_size, model.activation_checkpointing, "
+                        "model.param_dtype, optim.state_bits, ...) or set trainer.memory_check=false to try anyway\n"
+                        + format_estimate(est))
+    return est
+
+
 def run_device(cfg: Config) -> torch.device:
     """The device the run trains on (``trainer.device``; auto is CUDA where there is one)."""
     requested = cfg.trainer.device
@@ -632,7 +701,7 @@ def _compose(est: Estimate, cfg: Config, trace: _Trace, n: int) -> None:
     elif backend == "fsdp2":
         for component in ("weights", "gradients", "optimizer_state"):
             shard(component)
-        scale = (2 if cfg.parallel.param_dtype == "bf16" else 4) / 4
+        scale = 0.5 if cfg.parallel.param_dtype == "bf16" and cfg.model.param_dtype == "fp32" else 1.0
         biggest = max(trace.block_bytes, default=0)
         gathered = sum(trace.block_bytes) if not cfg.parallel.fsdp_reshard_after_forward else 2 * biggest
         dev["parallel_buffers"] = int((trace.root_bytes + gathered + biggest) * scale)
@@ -701,14 +770,15 @@ def measure(cfg: Config) -> dict[str, Any]:
     """
     from ..parallel.world import close_world
     from ..parallel.wrap import build_engine
-    from .train import build_model
+    from .train import build_model, materialize_model
 
     device = pick_device(cfg.trainer.device, 0)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False))
     world = World(rank=0, local_rank=0, world_size=1, device=device)
     accum = accumulation_steps(cfg.trainer, 1)
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg, vocab_size_of(cfg)).to(device)
+    model = build_model(cfg, vocab_size_of(cfg))
+    materialize_model(cfg, model, device)
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*model.parameters(),
                                                                                  *model.buffers()]}
     weights = sum(storages.values())
