@@ -154,6 +154,21 @@ def test_sharded_low_rank_optimizers_match_single_device_on_two_ranks():
     assert "OK 28" in result.stdout
 
 
+def test_reshard_local_states_cuts_this_ranks_part_of_the_old_shards(one_rank_mesh):
+    from leantrain.parallel.fsdp import reshard_local_states
+
+    whole = torch.arange(15.0).view(5, 3)
+    saved = [{"w": {"__dtensor_local__": part, "placements": [["shard", 1]], "shape": [5, 3]},
+              "b": {"__dtensor_local__": torch.ones(2), "placements": [["replicate"]], "shape": [2]},
+              "step": torch.tensor(4.0), "lr": 0.1}
+             for part in (whole[:, :2], whole[:, 2:])]
+    tree = reshard_local_states(saved, one_rank_mesh)
+    assert torch.equal(tree["w"]["__dtensor_local__"], whole) and tree["w"]["shape"] == [5, 3]
+    assert torch.equal(tree["b"]["__dtensor_local__"], torch.ones(2)) and tree["lr"] == 0.1
+    with pytest.raises(ValueError, match="global shape"):
+        reshard_local_states([saved[0]], one_rank_mesh)
+
+
 @pytest.mark.parametrize("kind", ["GaLoreAdamW", "NaturalGaLoreAdamW"])
 def test_plain_galore_on_dtensor_parameters_names_shard_optimizer(one_rank_mesh, kind):
     from torch.distributed.tensor import Shard, distribute_tensor
