@@ -30,6 +30,7 @@ global shape; what every rank holds whole (a right basis Q, the k x k state of a
 step counters) stays a plain tensor, the same on every rank. ``load_state_dict`` takes either form.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,10 +40,12 @@ from torch.optim import Optimizer
 
 from ..errors import UserError
 from ..optim import projector
+from ..optim.frugal import FRUGAL
 from ..optim.galore import GaLoreAdamW
+from ..optim.lisa import LISA
 from ..optim.natural_galore import NaturalGaLoreAdamW
 
-FSDP2_OPTIMIZERS = "adamw, galore and natural_galore"
+FSDP2_OPTIMIZERS = "adamw, galore, natural_galore, frugal and lisa"
 
 
 def shard_optimizer(optimizer: Optimizer) -> Optimizer:
@@ -53,6 +56,13 @@ def shard_optimizer(optimizer: Optimizer) -> Optimizer:
                         "sharded weights and optimizer state itself, set parallel.fsdp_cpu_offload=true instead")
     if kind.__module__.startswith("torch.optim"):
         return optimizer
+    if kind is LISA and type(optimizer.base).__module__.startswith("torch.optim"):
+        return optimizer  # torch's AdamW on the DTensors; FSDP2 skips the frozen blocks' gradients
+    if kind is FRUGAL:
+        from .sharded_frugal import ShardedFRUGAL
+
+        options = {key: value for key, value in optimizer.defaults.items() if key != "projectable"}
+        return ShardedFRUGAL(optimizer.param_groups, **options)
     sharded = {GaLoreAdamW: ShardedGaLoreAdamW, NaturalGaLoreAdamW: ShardedNaturalGaLoreAdamW}.get(kind)
     if sharded is None:
         raise UserError(f"parallel.backend=fsdp2 cannot run {kind.__name__}: it runs optim.name {FSDP2_OPTIMIZERS}; "
@@ -304,14 +314,17 @@ def _split(length: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(start + chunk, length) - start
 
 
-def sharded_layout(p: DTensor, group: dict[str, Any]) -> dict[str, tuple[int, tuple[int, ...], int]]:
+Layout = dict[str, tuple[int, tuple[int, ...], int]]
+
+
+def sharded_layout(p: DTensor, group: dict[str, Any], state: dict[str, Any]) -> Layout:
     """The state tensors of ``p`` that are split over ranks: key -> (split dim, global shape, stored size).
 
     The global shape is of the tensor as a checkpoint holds it; ``history`` (s rows of flattened
     low-rank gradients) is viewed as s x (the low-rank gradient's global shape), its first size
     taken from the state. The stored size is this rank's extent along the split dim as the optimizer
-    keeps it: the column blocks of a left projection are padded to ceil(n / W). Keys not named are
-    replicated.
+    keeps it: the column blocks of a left projection are padded to ceil(n / W). A split dim of -1
+    marks a dense moment, placed as the parameter. Keys not named are replicated.
     """
     if "rank" not in group:
         return {key: (-1, tuple(p.shape), -1) for key in ("exp_avg", "exp_avg_sq")}
@@ -367,10 +380,6 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def _replicated(value: torch.Tensor) -> torch.Tensor:
-    return value.full_tensor() if isinstance(value, DTensor) else value
-
-
 def _params_by_key(optimizer: Optimizer, saved: dict[str, Any]) -> dict[Any, tuple[torch.Tensor, dict[str, Any]]]:
     """Each key of ``saved["state"]`` (a parameter's index, or its name in DCP's state dicts) -> (parameter, group).
 
@@ -383,25 +392,36 @@ def _params_by_key(optimizer: Optimizer, saved: dict[str, Any]) -> dict[Any, tup
     return dict(zip(keys, params))
 
 
-def placed_state_dict(optimizer: Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` (``optimizer``'s torch state dict) with each split state tensor a DTensor (see the module)."""
+def placed_state_dict(optimizer: Optimizer, saved: dict[str, Any],
+                      layout_of: Callable[[DTensor, dict[str, Any], dict[str, Any]], Layout] = sharded_layout
+                      ) -> dict[str, Any]:
+    """``saved`` (``optimizer``'s torch state dict) with each split state tensor a DTensor (see the module).
+
+    ``layout_of(parameter, group, state)`` names the split tensors; DTensors in the state stay as they are.
+    """
     params = _params_by_key(optimizer, saved)
     state = {}
     for index, entry in saved["state"].items():
         p, group = params[index]
-        layout = sharded_layout(p, group)
-        state[index] = {key: _to_dtensor(value, p, layout[key]) if key in layout else value
-                        for key, value in entry.items()}
+        layout = layout_of(p, group, entry)
+        state[index] = {key: _to_dtensor(value, p, layout[key]) if key in layout and not isinstance(value, DTensor)
+                        else value for key, value in entry.items()}
     return {**saved, "state": state}
 
 
-def local_state_dict(optimizer: Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of ``placed_state_dict``: every state tensor as this rank keeps it (DTensors or whole tensors)."""
+def local_state_dict(optimizer: Optimizer, saved: dict[str, Any],
+                     layout_of: Callable[[DTensor, dict[str, Any], dict[str, Any]], Layout] = sharded_layout,
+                     keeps_dtensors: bool = False) -> dict[str, Any]:
+    """Inverse of ``placed_state_dict``: every split state tensor as this rank keeps it.
+
+    ``keeps_dtensors``: the optimizer keeps its dense moments as DTensors (FRUGAL's whole-tensor AdamW).
+    """
     params = _params_by_key(optimizer, saved)
     state = {}
     for index, entry in saved["state"].items():
         p, group = params[index]
-        layout = sharded_layout(p, group)
-        state[index] = {key: _from_dtensor(value, p, layout[key]) if key in layout
-                        else _replicated(value) for key, value in entry.items()}
+        layout = layout_of(p, group, entry)
+        state[index] = {key: _from_dtensor(value, p, layout[key])
+                        if key in layout and not (keeps_dtensors and layout[key][0] < 0) else value
+                        for key, value in entry.items()}
     return {**saved, "state": state}
