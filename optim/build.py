@@ -7,12 +7,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
+from .adamw import AdamW
 from .config import OptimConfig
 from .galore import SWITCH_POLICIES, GaLoreAdamW, check_stagger, stagger_offsets
 from .groups import decay_groups, low_rank_groups
 from .frugal import FRUGAL
 from .layerwise import LayerwiseOptimizer
 from .lisa import LISA
+from .moments import check_state_bits
 from .natural_galore import NaturalGaLoreAdamW
 from .offload import OffloadOptimizer
 from .projector import PROJ_TYPES, SVD_METHODS
@@ -36,14 +38,23 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.
         raise UserError(f"optim.betas must be two numbers in [0, 1), got {list(cfg.betas)}")
     if cfg.layerwise_clip < 0:
         raise UserError(f"optim.layerwise_clip must be >= 0 (0 disables it), got {cfg.layerwise_clip}")
+    state_bits = check_state_bits(cfg.state_bits, "optim.state_bits")
     if cfg.name == "adamw":
         groups = decay_groups(model.named_parameters(), cfg.weight_decay)
-        # fused AdamW runs on CPU and CUDA and is the fastest torch path on both.
-        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
-        kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+        if state_bits == 32 and all(p.dtype == torch.float32 for g in groups for p in g["params"]):
+            # fused AdamW runs on CPU and CUDA and is the fastest torch path on both.
+            optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
+            kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+        else:  # 8-bit moments, or bf16 weights rounded stochastically
+            optimizer_class = AdamW
+            kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, state_bits=state_bits, seed=seed)
     elif cfg.name in ("galore", "natural_galore"):
         groups, optimizer_class, kwargs = _low_rank_setup(cfg, model)
+        kwargs.update(state_bits=state_bits, seed=seed)
     elif cfg.name == "apollo":
+        if state_bits != 32:
+            raise UserError("optim.state_bits=8 is not available with optim.name=apollo: apollo-torch keeps its own "
+                            "float32 state; use optim.state_bits=32, or galore / adamw for 8-bit moments")
         groups, optimizer_class, kwargs = _apollo_setup(cfg, model)
     elif cfg.name == "frugal":
         groups = low_rank_groups(model, cfg.target_modules, cfg.weight_decay, {"projectable": True})
@@ -52,7 +63,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.
         kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, density=f.density, update_gap=f.update_gap,
                       selection=f.selection, block_order=f.block_order, state_free=f.state_free,
                       reset_statistics=f.reset_statistics, inactive_lr_scale=f.inactive_lr_scale,
-                      state_full_lr_scale=f.state_full_lr_scale)
+                      state_full_lr_scale=f.state_full_lr_scale, state_bits=state_bits, seed=seed)
     elif cfg.name == "lisa":
         if cfg.layerwise or cfg.offload != "none":
             raise UserError("optim.name=lisa manages its own active layers; set optim.layerwise=false and optim.offload=none")
@@ -60,7 +71,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.
             raise UserError(f"optim.lisa.base: {cfg.lisa.base!r} is not supported; use adamw")
         return LISA(model, n_layers=cfg.lisa.n_layers, interval=cfg.lisa.interval, seed=seed,
                     layers_attr=cfg.lisa.layers_attr or None, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                    weight_decay=cfg.weight_decay)
+                    weight_decay=cfg.weight_decay, state_bits=state_bits)
     else:
         raise UserError(f"optim.name: unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")
     if cfg.offload != "none":

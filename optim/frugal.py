@@ -16,6 +16,10 @@ Random choices come from a generator seeded with (seed, subspace index, paramete
 data-parallel rank draws the same subspace without communicating, and a resumed run draws what the
 uninterrupted run would have. ``svd`` is computed from the gradient after data-parallel reduction,
 which is the same on every rank.
+
+With ``state_bits=8`` the AdamW moments (of the subspace, of active blocks, of the dense groups) are
+blockwise 8-bit (``moments.py``). bf16 weights take each step's whole update (decay, state-full
+and state-free parts) in float32 and are rounded stochastically once (``rounding.py``).
 """
 
 import math
@@ -28,8 +32,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..errors import UserError
+from . import moments
+from .adamw import adam_update_
 from .groups import zero_step
+from .moments import CodeTables, check_state_bits
 from .projector import add_projected_back_, exact_basis, project, projection_side
+from .rounding import float32_update, needs_rounding, rounding_generator
 
 SELECTIONS = ("block", "columns", "rows", "randk", "svd", "random")
 BLOCK_ORDERS = ("random", "ascending", "descending")
@@ -73,7 +81,8 @@ class FRUGAL(Optimizer):
             keeps those of tensors that stay active, ``svd``/``random`` keep them as they are (GaLore).
         state_full_lr_scale: learning-rate scale of the state-full (AdamW) part of projectable weights.
         inactive_lr_scale: learning-rate scale of the state-free part.
-        seed: seed of every random subspace choice.
+        seed: seed of every random subspace choice and of the stochastic rounding of bf16 weights.
+        state_bits: 32 | 8, the AdamW moments' precision (tensors below 4096 elements stay float32).
     """
 
     def __init__(
@@ -93,12 +102,16 @@ class FRUGAL(Optimizer):
         state_full_lr_scale: float = 1.0,
         inactive_lr_scale: float = 1.0,
         seed: int = 0,
+        state_bits: int = 32,
     ):
+        self._tables = CodeTables()
+        self.rounding_offset = 0  # see rounding.py: set by wrappers that give each parameter its own optimizer
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, projectable=False,
             density=density, update_gap=update_gap, selection=selection, block_order=block_order,
             state_free=state_free, reset_statistics=reset_statistics,
             state_full_lr_scale=state_full_lr_scale, inactive_lr_scale=inactive_lr_scale, seed=seed,
+            state_bits=state_bits,
         )
         super().__init__(params, defaults)
         if not any(group["projectable"] for group in self.param_groups):
@@ -124,9 +137,9 @@ class FRUGAL(Optimizer):
             first_position = position
             position += len(group["params"])
             if not group["projectable"]:
-                for p in group["params"]:
+                for offset, p in enumerate(group["params"]):
                     if p.grad is not None:
-                        self._adamw_update(p, group, lr=group["lr"])
+                        self._adamw_update(p, group, lr=group["lr"], position=first_position + offset)
             elif group["selection"] == "block":
                 self._block_step(group, first_position)
             else:
@@ -154,26 +167,32 @@ class FRUGAL(Optimizer):
         ``Optimizer.load_state_dict`` casts every state tensor to its parameter's dtype, which would turn
         the index tensors into floats, so they are set aside and put back.
         """
-        saved_indices = {pid: s["indices"] for pid, s in state_dict["state"].items() if "indices" in s}
         super().load_state_dict(state_dict)
-        # Saved and current parameters pair up by position, as in Optimizer.load_state_dict (the keys
-        # are indices, or names in torch.distributed.checkpoint's state dicts).
-        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
-        params = dict(zip(keys, (p for group in self.param_groups for p in group["params"])))
-        for pid, indices in saved_indices.items():
-            self.state[params[pid]]["indices"] = indices.to(device=params[pid].device)
+        moments.restore_saved_dtypes(self, state_dict)
 
     # --- one parameter's update -------------------------------------------------------------------
 
-    def _adamw_update(self, p: Tensor, group: dict[str, Any], lr: float) -> None:
+    def _adamw_update(self, p: Tensor, group: dict[str, Any], lr: float, position: int) -> None:
         """Plain AdamW on the whole tensor (non-projectable parameters and active blocks)."""
         state = self.state[p]
-        if "exp_avg" not in state:
-            _fresh_moments(state, p)
-        if group["weight_decay"] != 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        direction, step_size = _adam_direction(p.grad, state, group)
-        p.add_(direction, alpha=-lr * step_size)
+        if "step" not in state:
+            _fresh_moments(state, p, group["state_bits"])
+        if not (moments.is_quantized(state) or needs_rounding(p)):
+            if group["weight_decay"] != 0.0:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            direction, step_size = _adam_direction(p.grad, state, group, self._tables)
+            p.add_(direction, alpha=-lr * step_size)
+            return
+        # 8-bit moments or bf16 weights: range by range, with torch's AdamW arithmetic.
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = int(state["step"])
+        ordinal = self.rounding_offset + position
+        generator = (rounding_generator(p.device, group["seed"], ordinal, group["steps_done"])
+                     if needs_rounding(p) else None)
+        adam_update_(p, p.grad, state, self._tables, beta1=beta1, beta2=beta2, eps=group["eps"],
+                     step_size=lr / (1.0 - beta1**step), bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
+                     decay=group["lr"] * group["weight_decay"], decay_before=True, generator=generator)
 
     def _block_step(self, group: dict[str, Any], first_position: int) -> None:
         """BAdam-like split: whole tensors are either state-full (AdamW) or state-free."""
@@ -193,11 +212,14 @@ class FRUGAL(Optimizer):
             if p.grad is None:
                 continue
             if i in active:
-                self._adamw_update(p, group, lr=group["lr"] * group["state_full_lr_scale"])
-            else:
+                self._adamw_update(p, group, lr=group["lr"] * group["state_full_lr_scale"],
+                                   position=first_position + i)
+                continue
+            ordinal = self.rounding_offset + first_position + i
+            with float32_update(p, group["seed"], ordinal, group["steps_done"]) as work:
                 if group["weight_decay"] != 0.0:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                _state_free_update(p, p.grad, group)
+                    work.mul_(1.0 - group["lr"] * group["weight_decay"])
+                _state_free_update(work, p.grad, group)
 
     def _split_step(self, p: Tensor, group: dict[str, Any], position: int) -> None:
         """Columns, rows, randk, svd or random split of one 2-D weight."""
@@ -205,23 +227,26 @@ class FRUGAL(Optimizer):
         state = self.state[p]
         subspace_index = group["steps_done"] // group["update_gap"]
         if state.get("subspace_index") != subspace_index:
-            _select_subspace(p, grad, state, group, subspace_index, position)
-        if group["weight_decay"] != 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            _select_subspace(p, grad, state, group, subspace_index, position, self._tables)
         selection = group["selection"]
-        low = _project(grad, state, selection)
-        direction, step_size = _adam_direction(low, state, group)
-        _add_lifted(p, direction, state, selection, alpha=-group["lr"] * group["state_full_lr_scale"] * step_size)
-        # A subspace that covers the whole weight leaves no residual (only rounding noise to take the sign of).
-        if group["state_free"] != "none" and low.numel() < p.numel():
-            residual = grad - _lift(low, state, selection, grad.shape)
-            _state_free_update(p, residual, group)
+        with float32_update(p, group["seed"], self.rounding_offset + position, group["steps_done"]) as work:
+            if group["weight_decay"] != 0.0:
+                work.mul_(1.0 - group["lr"] * group["weight_decay"])
+            low = _project(grad, state, selection)
+            direction, step_size = _adam_direction(low, state, group, self._tables)
+            _add_lifted(work, direction, state, selection,
+                        alpha=-group["lr"] * group["state_full_lr_scale"] * step_size)
+            # A subspace that covers the whole weight leaves no residual (only rounding noise to take the sign of).
+            if group["state_free"] != "none" and low.numel() < p.numel():
+                residual = grad - _lift(low, state, selection, grad.shape)
+                _state_free_update(work, residual, group)
 
 
 # --- validation ---------------------------------------------------------------------------------------
 
 
 def _validate_group(group: dict[str, Any]) -> None:
+    check_state_bits(group["state_bits"], "FRUGAL state_bits")
     if not 0.0 <= group["density"] <= 1.0:
         raise UserError(f"FRUGAL density must be in [0, 1], got {group['density']}")
     if not isinstance(group["update_gap"], int) or group["update_gap"] < 1:
@@ -255,19 +280,21 @@ def _validate_group(group: dict[str, Any]) -> None:
 # --- AdamW and the state-free rules ---------------------------------------------------------------------
 
 
-def _fresh_moments(state: dict[str, Any], like: Tensor) -> None:
+def _fresh_moments(state: dict[str, Any], like: Tensor, state_bits: int) -> None:
     state["step"] = torch.tensor(0.0)
-    state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-    state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    moments.init_moments(state, like.shape, like.device, moments.moment_dtype(like), state_bits)
 
 
-def _adam_direction(grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[Tensor, float]:
+def _adam_direction(grad: Tensor, state: dict[str, Any], group: dict[str, Any], tables: CodeTables
+                    ) -> tuple[Tensor, float]:
     """Advance the moments by one step; return m / (sqrt(v / bc2) + eps) and the step size factor 1 / bc1.
 
-    The same arithmetic as ``torch.optim.AdamW``'s single-tensor path.
+    The same arithmetic as ``torch.optim.AdamW``'s single-tensor path, on float32 moments or 8-bit
+    ones dequantised for the step and requantised after it.
     """
     beta1, beta2 = group["betas"]
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg, exp_avg_sq = moments.read(state, tables)
+    grad = grad.to(exp_avg.dtype)
     state["step"] += 1
     step = state["step"].item()
     exp_avg.lerp_(grad, 1.0 - beta1)
@@ -275,7 +302,9 @@ def _adam_direction(grad: Tensor, state: dict[str, Any], group: dict[str, Any]) 
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return exp_avg / denom, 1.0 / bias_correction1
+    direction = exp_avg / denom
+    moments.write(state, tables, exp_avg, exp_avg_sq)
+    return direction, 1.0 / bias_correction1
 
 
 def _state_free_update(p: Tensor, residual: Tensor, group: dict[str, Any]) -> None:
@@ -303,11 +332,11 @@ def _active_blocks(group: dict[str, Any], subspace_index: int, first_position: i
 
 
 def _select_subspace(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any],
-                     subspace_index: int, position: int) -> None:
+                     subspace_index: int, position: int, tables: CodeTables) -> None:
     """Choose the subspace of ``p`` for this subspace index and set up (or carry over) the moments."""
     selection, density = group["selection"], group["density"]
     m, n = p.shape
-    carry = not group["reset_statistics"] and "exp_avg" in state
+    carry = not group["reset_statistics"] and "step" in state
     if selection in _COORDINATE_SELECTIONS:
         total = {"columns": n, "rows": m, "randk": m * n}[selection]
         generator = selection_generator(group["seed"], subspace_index, position)
@@ -316,29 +345,33 @@ def _select_subspace(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict
         index_dtype = torch.int32 if total < 2**31 else torch.long
         indices = indices.sort().values.to(device=p.device, dtype=index_dtype)
         if carry:
-            _carry_coordinate_moments(state, indices, selection, total)
+            _carry_coordinate_moments(state, indices, selection, total, tables, group["state_bits"])
         state["indices"] = indices
     else:
         state["projection"] = _orthonormal_basis(grad, group, subspace_index, position)
     state["subspace_index"] = subspace_index
     if not carry:
-        _fresh_moments(state, _project(torch.zeros_like(p), state, selection))
+        _fresh_moments(state, _project(torch.zeros_like(p, dtype=moments.moment_dtype(p)), state, selection),
+                       group["state_bits"])
 
 
-def _carry_coordinate_moments(state: dict[str, Any], indices: Tensor, selection: str, total: int) -> None:
+def _carry_coordinate_moments(state: dict[str, Any], indices: Tensor, selection: str, total: int,
+                              tables: CodeTables, state_bits: int) -> None:
     """Keep the moments of coordinates selected before and now; coordinates new to the subspace start at 0."""
     dim = 1 if selection == "columns" else 0
     slot_of = torch.full((total,), -1, dtype=torch.long, device=indices.device)
     slot_of[state["indices"]] = torch.arange(len(state["indices"]), device=indices.device)
     old_slots = slot_of[indices]
     kept = old_slots >= 0
-    for key in ("exp_avg", "exp_avg_sq"):
-        old = state[key]
+
+    def carried(name: str, old: Tensor) -> Tensor:
         shape = list(old.shape)
         shape[dim] = len(indices)
         new = old.new_zeros(shape)
         new.index_copy_(dim, kept.nonzero().squeeze(1), old.index_select(dim, old_slots[kept]))
-        state[key] = new
+        return new
+
+    moments.transform(state, tables, carried, state_bits)
 
 
 def _orthonormal_basis(grad: Tensor, group: dict[str, Any], subspace_index: int, position: int) -> Tensor:

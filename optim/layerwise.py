@@ -75,6 +75,8 @@ class LayerwiseOptimizer(Optimizer):
                                 "parameter. Use layerwise with a single process or DDP, or turn it off.")
             options = {k: v for k, v in group.items() if k != "params"}
             inner = self.optimizer_class([{**options, "params": [p]}], **self.optimizer_kwargs)
+            if hasattr(inner, "rounding_offset"):  # leantrain's optimizers: its own stream of rounding bits
+                inner.rounding_offset = len(self.inner)
             # The wrapper's groups carry every hyper-parameter the inner optimizer resolved (lr
             # included), so LR schedulers and state_dict() see them.
             for key, value in inner.param_groups[0].items():

@@ -24,7 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..errors import UserError
+from .adamw import AdamW
 from .groups import decay_groups, zero_step
+from .moments import check_state_bits
 
 LAYER_LIST_PATHS = (
     "layers", "model.layers", "transformer.h", "transformer.layers", "model.decoder.layers",
@@ -71,12 +73,14 @@ class LISA(Optimizer):
         model: the model, or its ``DistributedDataParallel`` wrapper (built with
             ``find_unused_parameters=True``).
         base_optimizer: builds the optimizer from param groups (decayed matrices, undecayed vectors);
-            default ``torch.optim.AdamW`` with ``lr``, ``betas`` and ``eps``.
+            default ``torch.optim.AdamW`` with ``lr``, ``betas`` and ``eps``, or leantrain's ``AdamW``
+            (``state_bits=8``, or bf16 weights, which it rounds stochastically with ``seed``).
         n_layers: blocks trained at a time.
         interval: optimizer steps between switches.
         seed: seed of the draws.
         layers_attr: dotted path of the block list; found automatically when None.
         weight_decay: decoupled weight decay of matrices (never of vectors).
+        state_bits: 32 | 8, the default base optimizer's moments.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class LISA(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        state_bits: int = 32,
     ):
         if isinstance(model, DistributedDataParallel):
             if not model.find_unused_parameters or model.static_graph:
@@ -108,6 +113,11 @@ class LISA(Optimizer):
         self.n_layers, self.interval, self.seed = n_layers, interval, seed
         # Only what was trainable at the start is ever switched on: user-frozen parameters stay frozen.
         self._trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        check_state_bits(state_bits, "LISA state_bits")
+        if base_optimizer is not None and state_bits != 32:
+            raise UserError("LISA: pass state_bits to the base optimizer you build, not to LISA")
+        if base_optimizer is None and (state_bits != 32 or any(p.dtype != torch.float32 for p in model.parameters())):
+            base_optimizer = functools.partial(AdamW, lr=lr, betas=betas, eps=eps, state_bits=state_bits, seed=seed)
         factory = base_optimizer or functools.partial(torch.optim.AdamW, lr=lr, betas=betas, eps=eps)
         self.base = factory(decay_groups(model.named_parameters(), weight_decay))
         super().__init__(self.base.param_groups, self.base.defaults)

@@ -2,8 +2,8 @@
 
 A rank holds rows [r0, r1) of each m x n weight and its gradient. What each selection becomes:
 
-- block: whole tensors are state-full or state-free; AdamW and signSGD run on the DTensors as they
-  are (elementwise, so on the shards), their moments DTensors placed as the parameter.
+- block: whole tensors are state-full or state-free; AdamW and signSGD are elementwise and run on
+  each shard, the moments placed as the parameter.
 - columns: the chosen columns are columns of every shard: the moments (m_i x k) stay local.
 - svd, random: the basis on the shorter side, as FRUGAL chooses it. For m >= n it is Q (r x n),
   the same on every rank, and the moments m_i x r are local; for m < n it is P (m x r), split by
@@ -51,6 +51,16 @@ class ShardedFRUGAL(FRUGAL):
             if p.device_mesh.ndim != 1 or p.placements != (Shard(0),):
                 raise ValueError(f"projectable parameters must be sharded on dim 0 over a 1-D mesh, got {p.placements}")
 
+    def _adamw_update(self, p: torch.Tensor, group: dict[str, Any], lr: float, position: int) -> None:
+        """FRUGAL's whole-tensor AdamW on this rank's shard (non-projectable parameters and active blocks)."""
+        state, local = self.state[p], p.to_local()
+        if "step" not in state:
+            frugal._fresh_moments(state, local, group["state_bits"])
+        if group["weight_decay"] != 0.0:
+            local.mul_(1.0 - group["lr"] * group["weight_decay"])
+        direction, step_size = frugal._adam_direction(p.grad.to_local(), state, group, self._tables)
+        local.add_(direction, alpha=-lr * step_size)
+
     def _split_step(self, p: torch.Tensor, group: dict[str, Any], position: int) -> None:
         local, grad = p.to_local(), p.grad.to_local()
         state = self.state[p]
@@ -61,7 +71,7 @@ class ShardedFRUGAL(FRUGAL):
         if group["weight_decay"] != 0.0:
             local.mul_(1.0 - group["lr"] * group["weight_decay"])
         low = self._project(p, grad, state, selection)
-        direction, step_size = frugal._adam_direction(low, state, group)
+        direction, step_size = frugal._adam_direction(low, state, group, self._tables)
         self._add_lifted(p, local, direction, state, selection,
                          alpha=-group["lr"] * group["state_full_lr_scale"] * step_size)
         if group["state_free"] != "none" and not _covers_all(p, state, selection):
@@ -80,13 +90,14 @@ class ShardedFRUGAL(FRUGAL):
             indices = torch.randperm(n, generator=generator)[: frugal.subspace_size(n, group["density"])]
             indices = indices.sort().values.to(device=p.to_local().device, dtype=torch.int32)
             if carry:
-                frugal._carry_coordinate_moments(state, indices, selection, n)
+                frugal._carry_coordinate_moments(state, indices, selection, n, self._tables, group["state_bits"])
             state["indices"] = indices
         else:
             state["projection"] = self._basis(p, group, subspace_index, position)
         state["subspace_index"] = subspace_index
         if not carry:
-            frugal._fresh_moments(state, self._project(p, torch.zeros_like(p.to_local()), state, selection))
+            frugal._fresh_moments(state, self._project(p, torch.zeros_like(p.to_local()), state, selection),
+                                  group["state_bits"])
 
     def _basis(self, p: DTensor, group: dict[str, Any], subspace_index: int, position: int) -> torch.Tensor:
         """Q (replicated) for m >= n, this rank's rows of P otherwise."""
@@ -125,7 +136,7 @@ class ShardedFRUGAL(FRUGAL):
         return placed_state_dict(self, super().state_dict(), frugal_layout)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(local_state_dict(self, state_dict, frugal_layout, keeps_dtensors=True))
+        super().load_state_dict(local_state_dict(self, state_dict, frugal_layout))
 
 
 def _covers_all(p: DTensor, state: dict[str, Any], selection: str) -> bool:
@@ -139,7 +150,7 @@ def _covers_all(p: DTensor, state: dict[str, Any], selection: str) -> bool:
 
 
 def frugal_layout(p: DTensor, group: dict[str, Any], state: dict[str, Any]) -> Layout:
-    """ShardedFRUGAL's split state (``sharded_lowrank.sharded_layout``'s form); block moments are DTensors already."""
+    """ShardedFRUGAL's split state, in ``sharded_lowrank.sharded_layout``'s form."""
     if not group["projectable"] or group["selection"] == "block":
         return {"exp_avg": (-1, tuple(p.shape), -1), "exp_avg_sq": (-1, tuple(p.shape), -1)}
     m, n = p.shape

@@ -56,6 +56,11 @@ def shard_optimizer(optimizer: Optimizer) -> Optimizer:
                         "sharded weights and optimizer state itself, set parallel.fsdp_cpu_offload=true instead")
     if kind.__module__.startswith("torch.optim"):
         return optimizer
+    groups = optimizer.base.param_groups if kind is LISA else optimizer.param_groups
+    if any(group.get("state_bits", 32) != 32 for group in groups):
+        raise UserError("optim.state_bits=8 cannot run on FSDP2's shards yet: its quantisation blocks of 256 "
+                        "values lie over each rank's shard, which a checkpoint could not recut at another world "
+                        "size; use optim.state_bits=32 or parallel.backend=ddp")
     if kind is LISA and type(optimizer.base).__module__.startswith("torch.optim"):
         return optimizer  # torch's AdamW on the DTensors; FSDP2 skips the frozen blocks' gradients
     if kind is FRUGAL:

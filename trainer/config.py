@@ -24,6 +24,7 @@ from ..optim.build import OPTIMIZERS
 from ..optim.config import OptimConfig
 from ..optim.frugal import BLOCK_ORDERS, SELECTIONS, STATE_FREE_RULES
 from ..optim.offload import OFFLOAD_MODES
+from ..optim.quantize import STATE_BITS
 from ..parallel.config import ParallelConfig
 from ..parallel.wrap import BACKENDS
 from .data import SOURCES, DataConfig
@@ -137,6 +138,10 @@ def validate(cfg: DictConfig, source: str) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise UserError(f"{source}: invalid choice for '{key}': {value!r} (choose one of {', '.join(allowed)})")
+    state_bits = _get(cfg, "optim.state_bits")
+    if state_bits not in STATE_BITS:  # an int, so not in CHOICES (whose values are names)
+        raise UserError(f"{source}: invalid choice for 'optim.state_bits': {state_bits!r} "
+                        f"(choose one of {', '.join(map(str, STATE_BITS))})")
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise UserError(f"{source}: '{key}' must be positive, got {_get(cfg, key)}")

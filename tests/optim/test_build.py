@@ -128,3 +128,29 @@ def test_config_is_a_valid_structured_schema():
     for value in (True, 4, False):
         merged = OmegaConf.merge(schema, {"stagger": value})
         assert merged.stagger == value and type(merged.stagger) is type(value)
+
+
+@pytest.mark.parametrize("name, kind", [("adamw", "AdamW"), ("galore", "GaLoreAdamW"),
+                                        ("natural_galore", "NaturalGaLoreAdamW"), ("frugal", "FRUGAL"),
+                                        ("lisa", "LISA")])
+def test_state_bits_reaches_every_optimizer(name, kind):
+    opt = build_optimizer(OptimConfig(name=name, state_bits=8, rank=8), tiny_transformer(), seed=3)
+    assert type(opt).__name__ == kind
+    inner = opt.base if name == "lisa" else opt
+    assert type(inner).__module__.startswith("leantrain") and all(g["state_bits"] == 8 for g in inner.param_groups)
+    assert all(g["seed"] == 3 for g in inner.param_groups)
+
+
+def test_adamw_is_torch_fused_for_fp32_weights_and_leantrain_for_bf16_or_8_bit():
+    assert type(build_optimizer(OptimConfig(), tiny_transformer())) is torch.optim.AdamW
+    bf16 = tiny_transformer().to(torch.bfloat16)
+    assert type(build_optimizer(OptimConfig(), bf16)).__module__ == "leantrain.optim.adamw"
+    lisa = build_optimizer(OptimConfig(name="lisa"), bf16)
+    assert type(lisa.base).__module__ == "leantrain.optim.adamw"
+
+
+def test_state_bits_errors_name_the_key():
+    with pytest.raises(UserError, match="optim.state_bits"):
+        build_optimizer(OptimConfig(state_bits=16), tiny_transformer())
+    with pytest.raises(UserError, match="optim.state_bits=8 is not available with optim.name=apollo"):
+        build_optimizer(OptimConfig(name="apollo", state_bits=8), tiny_transformer())

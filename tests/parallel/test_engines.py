@@ -217,3 +217,13 @@ def test_optimizers_on_fsdp2_round_trip_through_dcp_and_reshard(tmp_path):
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr[-4000:]
         assert f"OK {mode} 12" in result.stdout
+
+
+def test_shard_optimizer_refuses_8_bit_state_naming_the_key(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from leantrain.parallel import shard_optimizer
+
+    weight = nn.Parameter(distribute_tensor(torch.randn(6, 4), one_rank_mesh, [Shard(0)]))
+    with pytest.raises(UserError, match="optim.state_bits=8 cannot run on FSDP2"):
+        shard_optimizer(GaLoreAdamW([{"params": [weight], "rank": 2}], state_bits=8))

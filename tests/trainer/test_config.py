@@ -47,6 +47,12 @@ def test_invalid_choice_names_key_file_and_choices(tmp_path):
     assert "model.norm" in str(e.value) and str(path) in str(e.value) and "peri" in str(e.value)
 
 
+def test_state_bits_is_32_or_8():
+    assert load_config("quickstart", ["optim.state_bits=8"]).optim.state_bits == 8
+    with pytest.raises(UserError, match=r"'optim.state_bits': 4 \(choose one of 32, 8\)"):
+        load_config("quickstart", ["optim.state_bits=4"])
+
+
 def test_negative_and_zero_values_rejected():
     with pytest.raises(UserError, match="trainer.micro_batch_size"):
         load_config("quickstart", ["trainer.micro_batch_size=0"])
