@@ -336,10 +336,9 @@ def sharded_layout(p: DTensor, group: dict[str, Any], state: dict[str, Any]) -> 
     m, n = p.shape
     side = projector.projection_side(group["proj_type"], p.shape)
     k = projector.effective_rank(group["rank"], p.shape)
-    if side == "right":
-        rows = p.to_local().shape[0]
-        return {"exp_avg": (0, (m, k), rows), "exp_avg_sq": (0, (m, k), rows), "history": (1, (-1, m, k), rows)}
     rows = p.to_local().shape[0]
+    if side == "right":
+        return {"exp_avg": (0, (m, k), rows), "exp_avg_sq": (0, (m, k), rows), "history": (1, (-1, m, k), rows)}
     if side == "full":
         return {"proj_left": (0, (m, k), rows)}
     chunk = _column_chunk(n, p.device_mesh.size())
