@@ -209,9 +209,11 @@ def verify_checkpoint(path: Path, names: list[str] | None = None) -> dict:
 
 
 def load_checkpoint(
-    path: Path, names: list[str] | None = None, map_location: Any = "cpu"
+    path: Path, names: list[str] | None = None, map_location: Any = "cpu", mmap: bool = False
 ) -> tuple[dict, dict[str, dict]]:
     """Verify, then load the named payloads (all if None) with ``torch.load(weights_only=True)``.
+
+    ``mmap`` maps the files instead of reading them: tensors are read from disk when touched.
 
     Returns (parsed meta.json, payload name -> state). Any damage or a payload that would need
     arbitrary unpickling raises CheckpointError naming the file.
@@ -222,7 +224,7 @@ def load_checkpoint(
     for name in content["files"] if names is None else names:
         file = path / f"{name}.pt"
         try:
-            payloads[name] = torch.load(file, map_location=map_location, weights_only=True)
+            payloads[name] = torch.load(file, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as error:
             detail = next((line for line in str(error).splitlines() if "nsupported" in line), "")
             raise CheckpointError(

@@ -4,12 +4,17 @@
 objects in two groups: ``replicated`` states are the same on every rank and rank 0 writes them once
 (model and optimizer under DDP, LR schedule, step counters); ``per_rank`` states differ per rank and
 each rank writes its own ``rank_<r>`` file (RNG states, data position, sharded model/optimizer).
-All ranks must see one shared filesystem. With ``checkpoint.mode=sync`` the saves are synchronous:
+All ranks must see one shared filesystem.
+
+A run may resume at another world size when every per-rank object can take its state from those
+all the saved ranks wrote: it has ``load_state_dicts(states)``, a list in rank order (sharded
+states reassemble their shards, a data position that is global takes any, RNG states re-seed). With ``checkpoint.mode=sync`` the saves are synchronous:
 training waits for them. With ``lazy`` the same calls go to multilevel.py: snapshots in host memory
 held by a keeper process per node, disk checkpoints of the same layout streamed from them.
 """
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -156,18 +161,42 @@ class Checkpointer:
 
         step = 0
         if choice is not None:
-            names = [REPLICATED] + ([f"rank_{self.rank}"] if per_rank else [])
-            content, payloads = load_checkpoint(choice, names)
-            _load_states(replicated, payloads[REPLICATED])
-            if per_rank:
-                _load_states(per_rank, payloads[f"rank_{self.rank}"])
-            step = content["step"]
+            step = self.load_disk(choice, replicated, per_rank)
             self._last_saved_step = step
             self.restore_source = "disk"
         self._barrier()
         if self.rank == 0 and self.world_size > 1:
             (self.run_dir / _RESTORE_DECISION_FILE).unlink(missing_ok=True)
         return step
+
+    def load_disk(self, path: Path, replicated: dict[str, Stateful], per_rank: dict[str, Stateful],
+                  skipped_memory: bool = False) -> int:
+        """Load disk checkpoint ``path`` into the objects; returns its step.
+
+        Saved by another number of ranks, each rank maps every rank's file and hands each per-rank
+        object the list of their states (see the module docstring). ``skipped_memory``: say in the
+        log line that lazy mode's memory snapshots were passed over for it.
+        """
+        saved = read_meta(path)
+        saved_world = saved["meta"].get("world_size", self.world_size)
+        if not per_rank or saved_world == self.world_size:
+            names = [REPLICATED] + ([f"rank_{self.rank}"] if per_rank else [])
+            content, payloads = load_checkpoint(path, names)
+            _load_states(replicated, payloads[REPLICATED])
+            if per_rank:
+                _load_states(per_rank, payloads[f"rank_{self.rank}"])
+            return content["step"]
+        if self.rank == 0:
+            memory = "; memory snapshots hold the old ranks' shards and are not used" if skipped_memory else ""
+            warnings.warn(f"world size changed from {saved_world} to {self.world_size}: restoring from the disk "
+                          f"checkpoint at step {saved['step']} ({path}), resharding its per-rank state "
+                          f"{sorted(per_rank)}{memory}", stacklevel=2)
+        names = [REPLICATED] + [f"rank_{r}" for r in range(saved_world)]
+        content, payloads = load_checkpoint(path, names, mmap=True)
+        _load_states(replicated, payloads[REPLICATED])
+        for name, obj in per_rank.items():
+            obj.load_state_dicts([payloads[f"rank_{r}"][name] for r in range(saved_world)])
+        return content["step"]
 
     def wait_before_step(self) -> None:
         """Return once the optimizer may modify the saved state again.
@@ -302,10 +331,11 @@ class Checkpointer:
                     f"checkpoint {path} holds {group} state {saved.get(group)}; this run has "
                     f"{sorted(current)}"
                 )
-        if per_rank and saved.get("world_size") != self.world_size:
+        fixed = sorted(name for name, obj in per_rank.items() if not hasattr(obj, "load_state_dicts"))
+        if fixed and saved.get("world_size") != self.world_size:
             raise UserError(
                 f"checkpoint {path} was saved by {saved.get('world_size')} ranks and this run has "
-                f"{self.world_size}: its per-rank state {saved['per_rank']} cannot be redistributed; "
+                f"{self.world_size}: its per-rank state {fixed} cannot be redistributed; "
                 f"resume with {saved.get('world_size')} ranks"
             )
 

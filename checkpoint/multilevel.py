@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UserError
-from .disk import CheckpointError, find_checkpoints, load_checkpoint, write_final_weights
+from .disk import CheckpointError, find_checkpoints, write_final_weights
 from .keeper_client import KeeperClient, advertised_host, node_name
 from .lazy import Copier, LazyCopy, pin_host_memory, unpin_host_memory
 from .parity import group_of
@@ -160,11 +160,10 @@ class LazyCheckpointer:
         if source in ("memory", "peer"):
             self._load_memory(step, replicated, per_rank)
         elif source == "disk":
-            names = [REPLICATED] + ([f"rank_{self.rank}"] if per_rank else [])
-            content, payloads = load_checkpoint(Path(decision["path"]), names)
-            _load_states(replicated, payloads[REPLICATED])
-            if per_rank:
-                _load_states(per_rank, payloads[f"rank_{self.rank}"])
+            # A keeper drops the snapshots of a run with another world size when this one attaches:
+            # they hold the old ranks' shards. The disk level reshards (``Checkpointer.load_disk``).
+            self.owner.load_disk(Path(decision["path"]), replicated, per_rank,
+                                 skipped_memory=cfg.resume.strip() == "auto")
         self.owner.barrier()
         if layout.local_rank == 0:
             self.keeper.call("resume", step=step, source=source, generation=decision["generation"])

@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 from ..errors import UserError
 from . import moments
 from .adamw import adam_update_
+from .groups import zero_step
 from .moments import CodeTables, check_state_bits
 from .projector import add_projected_back_, exact_basis, project, projection_side
 from .rounding import float32_update, needs_rounding, rounding_generator
@@ -147,6 +148,18 @@ class FRUGAL(Optimizer):
                         self._split_step(p, group, first_position + offset)
             group["steps_done"] += 1
         return loss
+
+    def prepare_load(self, step: int) -> None:
+        """Give this fresh optimizer the state keys a run has after ``step`` steps (which blocks hold moments).
+
+        Replays step ``step`` on zero gradients at learning rate 0 (see ``groups.zero_step``), so that a
+        template state dict for torch.distributed.checkpoint holds the keys the saved state has.
+        """
+        if step < 1:
+            return
+        for group in self.param_groups:
+            group["steps_done"] = step - 1
+        zero_step(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``; subspace indices keep their integer dtype.
@@ -374,12 +387,20 @@ def _orthonormal_basis(grad: Tensor, group: dict[str, Any], subspace_index: int,
         left, right = exact_basis(grad, rank, side)
         basis = right if side == "right" else left
     else:
-        generator = selection_generator(group["seed"], subspace_index, position)
-        gaussian = torch.randn(n if side == "right" else m, rank, generator=generator)
-        q, r = torch.linalg.qr(gaussian)
-        q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-        basis = q.T if side == "right" else q
+        basis = random_basis(grad.shape, group, subspace_index, position)
     return basis.to(device=grad.device, dtype=grad.dtype).contiguous()
+
+
+def random_basis(shape: torch.Size, group: dict[str, Any], subspace_index: int, position: int) -> Tensor:
+    """``selection=random``'s basis of an (m, n) weight, on the CPU in float32: a function of its arguments."""
+    m, n = shape
+    side = projection_side("std", shape)
+    rank = subspace_size(n if side == "right" else m, group["density"])
+    generator = selection_generator(group["seed"], subspace_index, position)
+    gaussian = torch.randn(n if side == "right" else m, rank, generator=generator)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    return q.T if side == "right" else q
 
 
 def _basis_pair(state: dict[str, Any], shape: torch.Size) -> tuple[str, Tensor | None, Tensor | None]:

@@ -76,6 +76,15 @@ def _add_adam_update_(p: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.
         p[start:end].addcdiv_(exp_avg[start:end], exp_avg_sq[start:end].sqrt().add_(eps), value=alpha)
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and gradients)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _uses_foreach(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
     """The group's ``foreach`` option; None means batched kernels when every parameter is on CUDA."""
     return group["foreach"] if group["foreach"] is not None else all(p.is_cuda for p in params)
@@ -180,6 +189,10 @@ class GaLoreAdamW(Optimizer):
         return self.rounding_offset + self._ordinals[p]
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if self._local(p) is p and is_dtensor(p):
+            raise UserError(f"{type(self).__name__} got a DTensor parameter of shape {tuple(p.shape)} (FSDP2's "
+                            "fully_shard makes them) and steps whole tensors only: wrap the optimizer, "
+                            f"leantrain.parallel.shard_optimizer({type(self).__name__}(...)), to step the shards")
         # Counters stay on the CPU as float32 scalars, as torch.optim keeps "step".
         state["step"] = torch.tensor(0.0)
         state["moment_step"] = torch.tensor(0.0)

@@ -89,3 +89,25 @@ def low_rank_groups(model: nn.Module, target_modules: Iterable[str], weight_deca
     rest = [(n, p) for n, p in model.named_parameters() if id(p) not in projected_ids]
     group = {"params": projected, "weight_decay": weight_decay, **projection}
     return [group, *decay_groups(rest, weight_decay)]
+
+
+def zero_step(optimizer: torch.optim.Optimizer) -> None:
+    """One ``step()`` on zero gradients at learning rate 0: the state takes its shape, the weights stay.
+
+    What ``torch.distributed.checkpoint``'s ``get_state_dict`` does to a fresh optimizer to learn the
+    keys of its state; optimizers whose state depends on the step (LISA, FRUGAL) call it after setting
+    their counters (``prepare_load``).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
+        for p in params:
+            p.grad = None

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 
 from ..errors import UserError
 from .adamw import AdamW
-from .groups import decay_groups
+from .groups import decay_groups, zero_step
 from .moments import check_state_bits
 
 LAYER_LIST_PATHS = (
@@ -151,15 +151,31 @@ class LISA(Optimizer):
         self.active_layers = sorted(active)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus a ``lisa`` entry (step count and active blocks)."""
+        """The base optimizer's state dict, its first param group carrying a ``lisa`` entry (step count, active
+        blocks): torch.distributed.checkpoint's ``get_state_dict`` keeps only "state" and "param_groups"."""
         state = self.base.state_dict()
-        state["lisa"] = {"steps": self.steps, "active_layers": list(self.active_layers),
-                         "n_blocks": len(self.layers)}
+        lisa = {"steps": self.steps, "active_layers": list(self.active_layers), "n_blocks": len(self.layers)}
+        state["param_groups"] = [{**state["param_groups"][0], "lisa": lisa}, *state["param_groups"][1:]]
         return state
+
+    def prepare_load(self, step: int) -> None:
+        """Give this fresh optimizer the blocks and state keys a run has after ``step`` steps.
+
+        The active blocks are a function of the seed and the step, so replaying step ``step`` on zero
+        gradients at learning rate 0 sets them; a template state dict for torch.distributed.checkpoint
+        (``get_state_dict`` before ``dcp.load``) then holds the keys the saved state has.
+        """
+        if step < 1:
+            return
+        self.steps = step - 1
+        self._activate(sample_layers(len(self.layers), self.n_layers, self.seed, self.steps // self.interval))
+        zero_step(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        lisa = state_dict.pop("lisa", None)
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        lisa = state_dict.pop("lisa", None) or (groups[0].pop("lisa", None) if groups else None)
+        state_dict["param_groups"] = groups
         if lisa is None:
             raise UserError("optimizer state has no 'lisa' entry: it was not saved by LISA")
         if lisa["n_blocks"] != len(self.layers):

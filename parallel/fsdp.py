@@ -8,7 +8,11 @@ state that AdamW creates with ``zeros_like``. Low-rank optimizers are swapped fo
 forms (``sharded_lowrank.py``).
 
 Checkpoints keep the shards: each rank writes its own local tensors, every DTensor replaced by a
-plain tensor plus its placements and global shape, and rebuilds the DTensors on load.
+plain tensor plus its placements and global shape, and rebuilds the DTensors on load. The sharded
+optimizers give their state its placement too (``sharded_lowrank.py``), so a run saved by W ranks
+resumes at any other number: each rank cuts its new shards from the concatenation of the old ones
+(``reshard_local_states``), one tensor at a time from memory-mapped files. The same placed state
+dicts serve ``torch.distributed.checkpoint`` in one's own loop (README, "FSDP2 in your own loop").
 """
 
 from collections.abc import Callable
@@ -130,6 +134,37 @@ def from_local_state(tree: Any, mesh: DeviceMesh) -> Any:
     return tree
 
 
+def reshard_local_states(trees: list[Any], mesh: DeviceMesh) -> Any:
+    """This rank's ``to_local_state`` tree on ``mesh`` from the trees every rank of another world size saved.
+
+    A ``Shard(d)`` tensor is the old shards concatenated along d in rank order (torch.chunk's split),
+    cut again for this rank; anything else (replicated DTensors, plain tensors, numbers) is the same
+    on every rank and taken from the first tree.
+    """
+    first = trees[0]
+    if isinstance(first, dict) and _DTENSOR_KEY in first:
+        placements = [_decode(p) for p in first["placements"]]
+        if len(placements) != 1 or len(mesh.shape) != 1:
+            raise ValueError(f"resharding supports 1-D meshes, got placements {placements} on mesh {mesh.shape}")
+        local = first[_DTENSOR_KEY]
+        if isinstance(placements[0], Shard):
+            dim = placements[0].dim
+            whole = torch.cat([tree[_DTENSOR_KEY] for tree in trees], dim=dim)
+            if list(whole.shape) != list(first["shape"]):
+                raise ValueError(f"shards of shape {[tuple(t[_DTENSOR_KEY].shape) for t in trees]} do not make "
+                                 f"the global shape {first['shape']}")
+            size = whole.shape[dim]
+            chunk = -(-size // mesh.size())
+            start = min(mesh.get_local_rank() * chunk, size)
+            local = whole.narrow(dim, start, min(start + chunk, size) - start).clone()
+        return {**first, _DTENSOR_KEY: local}
+    if isinstance(first, dict):
+        return {key: reshard_local_states([tree[key] for tree in trees], mesh) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(reshard_local_states([tree[i] for tree in trees], mesh) for i in range(len(first)))
+    return first
+
+
 def _encode(placement: Any) -> list:
     if isinstance(placement, Shard):
         return ["shard", placement.dim]
@@ -175,6 +210,17 @@ class ShardedModelState:
                                 f"rank holds {tuple(local.shape)}: resume with the world size it was saved with")
             local.copy_(shard)
 
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Load the states saved by every rank of a run at another world size (see ``reshard_local_states``)."""
+        self.load_state_dict(reshard_local_states(states, _mesh_of(self.model)))
+
+
+def _mesh_of(model: nn.Module) -> DeviceMesh:
+    for value in model.state_dict().values():
+        if isinstance(value, DTensor):
+            return value.device_mesh
+    raise ValueError("the model holds no DTensor: it is not sharded")
+
 
 class ShardedOptimizerState:
     """This rank's part of an optimizer's state dict (sharded moments as local tensors)."""
@@ -188,3 +234,7 @@ class ShardedOptimizerState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(from_local_state(state, self.mesh))
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Load the states saved by every rank of a run at another world size (see ``reshard_local_states``)."""
+        self.load_state_dict(reshard_local_states(states, self.mesh))

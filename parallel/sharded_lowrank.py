@@ -21,21 +21,31 @@ singular vectors, which only matters with ``switch="keep"`` across a refresh.
 
 Every collective runs on every rank in the same order: decisions that could differ between ranks
 (the guard's "is the gradient finite") are all-reduced first.
+
+``state_dict()`` gives every state tensor its placement, so that ``torch.distributed.checkpoint``
+saves each shard once and can load it at another world size: what is split with the rows (the
+moments and history of a right projection, a left basis P_i) or by columns (the moments and history
+of a left projection, without the padding of the last block) becomes a ``Shard`` DTensor of its
+global shape; what every rank holds whole (a right basis Q, the k x k state of a full projection,
+step counters) stays a plain tensor, the same on every rank. ``load_state_dict`` takes either form.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
 from ..errors import UserError
 from ..optim import projector
+from ..optim.frugal import FRUGAL
 from ..optim.galore import GaLoreAdamW
+from ..optim.lisa import LISA
 from ..optim.natural_galore import NaturalGaLoreAdamW
 
-FSDP2_OPTIMIZERS = "adamw, galore and natural_galore"
+FSDP2_OPTIMIZERS = "adamw, galore, natural_galore, frugal and lisa"
 
 
 def shard_optimizer(optimizer: Optimizer) -> Optimizer:
@@ -46,6 +56,18 @@ def shard_optimizer(optimizer: Optimizer) -> Optimizer:
                         "sharded weights and optimizer state itself, set parallel.fsdp_cpu_offload=true instead")
     if kind.__module__.startswith("torch.optim"):
         return optimizer
+    groups = optimizer.base.param_groups if kind is LISA else optimizer.param_groups
+    if any(group.get("state_bits", 32) != 32 for group in groups):
+        raise UserError("optim.state_bits=8 cannot run on FSDP2's shards yet: its quantisation blocks of 256 "
+                        "values lie over each rank's shard, which a checkpoint could not recut at another world "
+                        "size; use optim.state_bits=32 or parallel.backend=ddp")
+    if kind is LISA and type(optimizer.base).__module__.startswith("torch.optim"):
+        return optimizer  # torch's AdamW on the DTensors; FSDP2 skips the frozen blocks' gradients
+    if kind is FRUGAL:
+        from .sharded_frugal import ShardedFRUGAL
+
+        options = {key: value for key, value in optimizer.defaults.items() if key != "projectable"}
+        return ShardedFRUGAL(optimizer.param_groups, **options)
     sharded = {GaLoreAdamW: ShardedGaLoreAdamW, NaturalGaLoreAdamW: ShardedNaturalGaLoreAdamW}.get(kind)
     if sharded is None:
         raise UserError(f"parallel.backend=fsdp2 cannot run {kind.__name__}: it runs optim.name {FSDP2_OPTIMIZERS}; "
@@ -194,7 +216,7 @@ def low_rank_local_shape(side: str, p: DTensor, k: int) -> tuple[int, int]:
 
 
 class ShardedGaLoreAdamW(GaLoreAdamW):
-    """GaLoreAdamW for DTensor parameters sharded on dim 0 over a 1-D mesh; all state is local tensors.
+    """GaLoreAdamW for DTensor parameters sharded on dim 0 over a 1-D mesh; it keeps its state as local tensors.
 
     Takes GaLoreAdamW's arguments. Projected parameters must be 2-D ``Shard(0)`` DTensors; the others
     may be DTensors with any placement (their AdamW runs on the local shards). Only the hooks that
@@ -211,6 +233,14 @@ class ShardedGaLoreAdamW(GaLoreAdamW):
 
     def _local(self, t: torch.Tensor) -> torch.Tensor:
         return t.to_local() if isinstance(t, DTensor) else t
+
+    def state_dict(self) -> dict[str, Any]:
+        """GaLoreAdamW's state dict with each split state tensor a DTensor of its global shape (see the module)."""
+        return placed_state_dict(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of ``state_dict()``'s form, saved at any world size (split state may also come whole)."""
+        super().load_state_dict(local_state_dict(self, state_dict))
 
     def _low_rank_shape(self, p: torch.Tensor, side: str, k: int) -> tuple[int, int]:
         return low_rank_local_shape(side, p, k)
@@ -277,3 +307,125 @@ class ShardedNaturalGaLoreAdamW(ShardedGaLoreAdamW, NaturalGaLoreAdamW):
         if projector.projection_side(group["proj_type"], p.shape) != "full":
             gram = _all_reduce(gram, _group_of(p))
         return gram
+
+
+# ---- checkpoint state with placements ----------------------------------------------------------------
+
+
+def _split(length: int, world: int, rank: int) -> tuple[int, int]:
+    """(start, size) of ``rank``'s part of a dimension of ``length`` under ``Shard`` (torch.chunk's split)."""
+    chunk = -(-length // world)
+    start = min(rank * chunk, length)
+    return start, min(start + chunk, length) - start
+
+
+Layout = dict[str, tuple[int, tuple[int, ...], int]]
+
+
+def sharded_layout(p: DTensor, group: dict[str, Any], state: dict[str, Any]) -> Layout:
+    """The state tensors of ``p`` that are split over ranks: key -> (split dim, global shape, stored size).
+
+    The global shape is of the tensor as a checkpoint holds it; ``history`` (s rows of flattened
+    low-rank gradients) is viewed as s x (the low-rank gradient's global shape), its first size
+    taken from the state. The stored size is this rank's extent along the split dim as the optimizer
+    keeps it: the column blocks of a left projection are padded to ceil(n / W). A split dim of -1
+    marks a dense moment, placed as the parameter. Keys not named are replicated.
+    """
+    if "rank" not in group:
+        return {key: (-1, tuple(p.shape), -1) for key in ("exp_avg", "exp_avg_sq")}
+    m, n = p.shape
+    side = projector.projection_side(group["proj_type"], p.shape)
+    k = projector.effective_rank(group["rank"], p.shape)
+    rows = p.to_local().shape[0]
+    if side == "right":
+        return {"exp_avg": (0, (m, k), rows), "exp_avg_sq": (0, (m, k), rows), "history": (1, (-1, m, k), rows)}
+    if side == "full":
+        return {"proj_left": (0, (m, k), rows)}
+    chunk = _column_chunk(n, p.device_mesh.size())
+    return {"proj_left": (0, (m, k), rows), "exp_avg": (1, (k, n), chunk), "exp_avg_sq": (1, (k, n), chunk),
+            "history": (2, (-1, k, n), chunk)}
+
+
+def _to_dtensor(local: torch.Tensor, p: DTensor, layout: tuple[int, tuple[int, ...], int]) -> DTensor:
+    dim, shape, stored = layout
+    mesh = p.device_mesh
+    if dim < 0:  # a dense moment: the parameter's own placement and shape
+        return DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    shape = (local.shape[0], *shape[1:]) if shape[0] == -1 else shape
+    _, size = _split(shape[dim], mesh.size(), mesh.get_local_rank())
+    held = [*shape]
+    held[dim] = stored
+    view = local.reshape(held).narrow(dim, 0, size).contiguous()
+    return DTensor.from_local(view, mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                              stride=_contiguous_stride(shape))
+
+
+def _from_dtensor(value: torch.Tensor, p: DTensor, layout: tuple[int, tuple[int, ...], int]) -> torch.Tensor:
+    """This rank's state tensor, as the optimizer keeps it, from a DTensor (any placement) or a plain one."""
+    dim, shape, stored = layout
+    if not isinstance(value, DTensor):  # a tensor saved whole: this rank's part of it
+        value = DTensor.from_local(value, p.device_mesh, [Replicate()], run_check=False)
+    placements = p.placements if dim < 0 else [Shard(dim)]
+    local = value.redistribute(p.device_mesh, placements).to_local()
+    if dim < 0:
+        return local
+    if local.shape[dim] < stored:
+        pad = [*local.shape]
+        pad[dim] = stored - local.shape[dim]
+        local = torch.cat([local, local.new_zeros(pad)], dim=dim)
+    return local.reshape(local.shape[0], -1) if shape[0] == -1 else local.contiguous()
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(shape):
+        stride.append(step)
+        step *= size
+    return tuple(reversed(stride))
+
+
+def _params_by_key(optimizer: Optimizer, saved: dict[str, Any]) -> dict[Any, tuple[torch.Tensor, dict[str, Any]]]:
+    """Each key of ``saved["state"]`` (a parameter's index, or its name in DCP's state dicts) -> (parameter, group).
+
+    As ``Optimizer.load_state_dict`` does, saved and current parameters pair up by position in their groups.
+    """
+    keys = [key for group in saved["param_groups"] for key in group["params"]]
+    params = [(p, group) for group in optimizer.param_groups for p in group["params"]]
+    if len(keys) != len(params):
+        raise UserError(f"optimizer state holds {len(keys)} parameters, this optimizer {len(params)}")
+    return dict(zip(keys, params))
+
+
+def placed_state_dict(optimizer: Optimizer, saved: dict[str, Any],
+                      layout_of: Callable[[DTensor, dict[str, Any], dict[str, Any]], Layout] = sharded_layout
+                      ) -> dict[str, Any]:
+    """``saved`` (``optimizer``'s torch state dict) with each split state tensor a DTensor (see the module).
+
+    ``layout_of(parameter, group, state)`` names the split tensors; DTensors in the state stay as they are.
+    """
+    params = _params_by_key(optimizer, saved)
+    state = {}
+    for index, entry in saved["state"].items():
+        p, group = params[index]
+        layout = layout_of(p, group, entry)
+        state[index] = {key: _to_dtensor(value, p, layout[key]) if key in layout and not isinstance(value, DTensor)
+                        else value for key, value in entry.items()}
+    return {**saved, "state": state}
+
+
+def local_state_dict(optimizer: Optimizer, saved: dict[str, Any],
+                     layout_of: Callable[[DTensor, dict[str, Any], dict[str, Any]], Layout] = sharded_layout,
+                     keeps_dtensors: bool = False) -> dict[str, Any]:
+    """Inverse of ``placed_state_dict``: every split state tensor as this rank keeps it.
+
+    ``keeps_dtensors``: the optimizer keeps its dense moments as DTensors (FRUGAL's whole-tensor AdamW).
+    """
+    params = _params_by_key(optimizer, saved)
+    state = {}
+    for index, entry in saved["state"].items():
+        p, group = params[index]
+        layout = layout_of(p, group, entry)
+        state[index] = {key: _from_dtensor(value, p, layout[key])
+                        if key in layout and not (keeps_dtensors and layout[key][0] < 0) else value
+                        for key, value in entry.items()}
+    return {**saved, "state": state}

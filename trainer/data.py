@@ -421,6 +421,15 @@ class TokenLoader:
             )
         self.cursor = int(state["cursor"])
 
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Resume from the states every rank of a run at another world size saved: the cursor is global,
+        so the samples of each global step stay the same set whatever the number of ranks."""
+        cursors = {int(state["cursor"]) for state in states}
+        if len(cursors) != 1:
+            raise UserError(f"the checkpoint's ranks stopped at different data positions {sorted(cursors)}; "
+                            "it is damaged")
+        self.load_state_dict(states[0])
+
 
 # ---- the trainer's entry point -----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import dataclasses
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,14 @@ class Progress:
 
 
 class RNGState:
-    """This rank's random generators (torch CPU and CUDA, Python's ``random``)."""
+    """This rank's random generators (torch CPU and CUDA, Python's ``random``).
+
+    A generator's state belongs to its rank: resumed at another world size, every rank is re-seeded
+    from (seed, step, rank) instead, said in a log line.
+    """
+
+    def __init__(self, seed: int, world: World, progress: Progress):
+        self.seed, self.world, self.progress = seed, world, progress
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -62,6 +70,15 @@ class RNGState:
         random.setstate(state["python"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        seed = (self.seed * 1_000_003 + self.progress.step) * 1_000_033 + self.world.rank
+        torch.manual_seed(seed)  # every device's generator
+        random.seed(seed)
+        if self.world.is_main:
+            warnings.warn(f"the random generators' states were saved by {len(states)} ranks, this run has "
+                          f"{self.world.world_size}: re-seeded each rank's from (trainer.seed, step "
+                          f"{self.progress.step}, rank)", stacklevel=2)
 
 
 def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
@@ -204,7 +221,7 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, fingerprint(cfg), world.rank, world.world_size, world.barrier)
     model_states, rank_states = engine.checkpoint_states()
     replicated = {**model_states, "scheduler": scheduler, "progress": progress}
-    per_rank = {**rank_states, "data": loader, "rng": RNGState()}
+    per_rank = {**rank_states, "data": loader, "rng": RNGState(tcfg.seed, world, progress)}
     start = checkpointer.restore(replicated, per_rank)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Save schedule, exact resume and resume policy of leantrain.checkpoint.manager.Checkpointer."""
 
+import contextlib
 import json
 import threading
 from datetime import timedelta
@@ -282,6 +283,41 @@ def test_ranks_write_and_restore_their_own_state(tmp_path):
 
     errors = run_ranks(2, refused)
     assert all(isinstance(error, UserError) and "seed" in str(error) for error in errors)
+
+
+class Shards(Tensors):
+    """A per-rank state that takes its part of the concatenated shards of any number of saved ranks."""
+
+    def __init__(self, rank: int, world_size: int, **tensors: torch.Tensor) -> None:
+        super().__init__(**tensors)
+        self.rank, self.world_size = rank, world_size
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        whole = torch.cat([state["x"] for state in states])
+        self.tensors = {"x": whole.chunk(self.world_size)[self.rank]}
+
+
+def test_resume_at_another_world_size_hands_every_rank_all_saved_states(tmp_path):
+    def save(rank, barrier):
+        ckpt = checkpointer(tmp_path, rank=rank, world_size=2, barrier=barrier)
+        x = torch.arange(6.0).chunk(2)[rank]
+        return ckpt.after_step(2, {"model": Tensors(w=torch.ones(1))}, {"shards": Shards(rank, 2, x=x)})
+
+    assert run_ranks(2, save) == [True, True]
+
+    def restore(rank, barrier):
+        ckpt = checkpointer(tmp_path, rank=rank, world_size=3, barrier=barrier)
+        shards = Shards(rank, 3)
+        with pytest.warns(UserWarning, match="world size changed from 2 to 3: restoring from the disk checkpoint "
+                                             "at step 2") if rank == 0 else contextlib.nullcontext():
+            step = ckpt.restore({"model": Tensors()}, {"shards": shards})
+        return step, shards.tensors["x"]
+
+    for rank, (step, x) in enumerate(run_ranks(3, restore)):
+        assert step == 2 and torch.equal(x, torch.arange(6.0).chunk(3)[rank])
+    # A per-rank state without load_state_dicts still refuses another world size, naming itself.
+    with pytest.raises(UserError, match=r"saved by 2 ranks and this run has 1: its per-rank state \['shards'\]"):
+        checkpointer(tmp_path).restore({"model": Tensors()}, {"shards": Tensors()})
 
 
 def test_save_final_writes_safetensors_on_rank_0_only(tmp_path):

@@ -485,3 +485,35 @@ def test_slots_grow_with_the_state(tmp_path):
     assert checkpointer.restore(Rank(0, seed=9).replicated(), {"growing": restored}) == 4
     assert torch.equal(restored.values, torch.arange(float(4 * 600_000)))
     checkpointer.close(shutdown_keeper=True)
+
+
+class GlobalCounter(Counter):
+    """A per-rank state that may resume at another world size: every rank holds the same value."""
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        self.load_state_dict(states[0])
+
+
+def test_another_world_size_skips_the_memory_snapshots_for_the_disk_level(tmp_path):
+    """2 ranks snapshot steps 1-3 (disk: step 2); resumed by 1 rank, memory holds the old ranks' shards."""
+
+    def train(rank, layout, barrier):
+        run, counter = Rank(rank), GlobalCounter()
+        checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, rank, 2, barrier, layout=layout)
+        checkpointer.restore(run.replicated(), {"counter": counter})
+        for step in range(1, 4):
+            run.step(checkpointer)
+            counter.value = step
+            checkpointer.after_step(step, run.replicated(), {"counter": counter})
+        checkpointer.flush()
+        crash(checkpointer)
+
+    run_ranks(layouts(1, 2), train)
+    run, counter = Rank(0, seed=7), GlobalCounter()
+    checkpointer = Checkpointer(config(), tmp_path, FINGERPRINT, layout=layouts(1, 1)[0])
+    with pytest.warns(UserWarning, match="world size changed from 2 to 1: restoring from the disk checkpoint at "
+                                         "step 2 .*memory snapshots hold the old ranks' shards"):
+        assert checkpointer.restore(run.replicated(), {"counter": counter}) == 2
+    assert checkpointer.restore_source == "disk" and counter.value == 2
+    assert_equal(run.flat()[:-3], reference(2)[:-3])  # the model and its optimizer state
+    checkpointer.close(shutdown_keeper=True)

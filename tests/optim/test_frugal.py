@@ -404,3 +404,18 @@ def test_identical_choices_on_two_ddp_ranks():
 if __name__ == "__main__":
     _ddp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
     exit_rank()
+
+
+@pytest.mark.parametrize("saved_at", [3, 4])  # at the end of a subspace; inside the next
+def test_prepare_load_gives_a_fresh_optimizer_the_saved_state_keys(saved_at):
+    shapes = list(SHAPES.values())
+    options = dict(**HP, density=0.5, selection="block", block_order="random", update_gap=3, seed=7)
+    params = make_params(shapes)
+    opt = FRUGAL(frugal_groups(params), **options)
+    run_steps(params, opt, range(saved_at))
+    fresh = make_params(shapes, seed=1)
+    weights = [p.detach().clone() for p in fresh]
+    prepared = FRUGAL(frugal_groups(fresh), **options)
+    prepared.prepare_load(saved_at)
+    assert [i for i, p in enumerate(params) if p in opt.state] == [i for i, p in enumerate(fresh) if p in prepared.state]
+    assert all(torch.equal(p, w) for p, w in zip(fresh, weights))

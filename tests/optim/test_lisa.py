@@ -313,3 +313,21 @@ def test_two_ddp_ranks_draw_the_same_blocks_and_match_one_process():
 if __name__ == "__main__":
     _ddp_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
     exit_rank()
+
+
+@pytest.mark.parametrize("saved_at", [4, 6])  # inside an interval; at a switch (new blocks without state)
+def test_prepare_load_gives_a_fresh_optimizer_the_saved_blocks_and_state_keys(saved_at):
+    """What a torch.distributed.checkpoint template needs: the saved step's active blocks and state entries."""
+    model = make_model()
+    opt = LISA(model, n_layers=2, interval=3, seed=9, lr=1e-2)
+    train(model, opt, range(saved_at))
+    fresh = make_model(seed=1)
+    weights = [p.detach().clone() for p in fresh.parameters()]
+    prepared = LISA(fresh, n_layers=2, interval=3, seed=9, lr=1e-2)
+    prepared.prepare_load(saved_at)
+    assert prepared.active_layers == opt.active_layers and prepared.steps == saved_at
+    names = dict(zip(model.parameters(), (n for n, _ in model.named_parameters())))
+    fresh_names = dict(zip(fresh.parameters(), (n for n, _ in fresh.named_parameters())))
+    assert sorted(names[p] for p in opt.state) == sorted(fresh_names[p] for p in prepared.state)
+    assert all(torch.equal(p, w) for p, w in zip(fresh.parameters(), weights))  # learning rate 0
+    assert prepared.state_dict()["param_groups"][0]["lisa"]["active_layers"] == opt.active_layers

@@ -1,4 +1,4 @@
-"""Run by test_sharded_lowrank.py under ``torchrun --nproc_per_node=2``: sharded GaLore against GaLoreAdamW.
+"""Run by test_engines.py under ``torchrun --nproc_per_node=2``: sharded GaLore and FRUGAL against the originals.
 
 Every rank steps DTensor weights sharded on dim 0 with the sharded optimizer, and full copies of the
 same weights with the single-device optimizer, on the same gradients, in float64; after every step
@@ -15,9 +15,12 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
+from leantrain.errors import UserError
+from leantrain.optim.frugal import FRUGAL
 from leantrain.optim.galore import GaLoreAdamW
 from leantrain.optim.natural_galore import NaturalGaLoreAdamW
 from leantrain.parallel.fsdp import ShardedOptimizerState
+from leantrain.parallel.sharded_frugal import ShardedFRUGAL
 from leantrain.parallel.sharded_lowrank import (
     ShardedGaLoreAdamW,
     ShardedNaturalGaLoreAdamW,
@@ -107,6 +110,41 @@ def check_resume(mesh, kind, group_options, split=4, steps=7):
         assert torch.equal(a.to_local(), b.to_local()), (kind.__name__, group_options)
 
 
+def check_frugal(mesh, selection, reset, steps=7):
+    """ShardedFRUGAL (through shard_optimizer) against FRUGAL on the same gradients, subspaces changing every 2."""
+    runs = []
+    for sharded in (True, False):
+        problems = [problem(s) for s in SHAPES]
+        if sharded:
+            weights = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w, _, _ in problems]
+        else:
+            weights = [torch.nn.Parameter(w.clone()) for w, _, _ in problems]
+        optimizer = FRUGAL([{"params": weights, "projectable": True}], lr=0.02, weight_decay=0.05, density=0.5,
+                           update_gap=2, selection=selection, reset_statistics=reset, block_order="random")
+        runs.append((weights, shard_optimizer(optimizer) if sharded else optimizer, problems))
+    assert type(runs[0][1]) is ShardedFRUGAL
+    for t in range(steps):
+        for weights, optimizer, problems in runs:
+            for w, (_, a, b) in zip(weights, problems):
+                g = gradient(full(w).detach(), t, a, b)
+                w.grad = distribute_tensor(g, mesh, [Shard(0)]) if hasattr(w, "full_tensor") else g
+            optimizer.step()
+    for ws, wr in zip(runs[0][0], runs[1][0]):
+        err = (full(ws).detach() - wr.detach()).abs().max().item()
+        assert err < 1e-9, ("FRUGAL", selection, reset, tuple(wr.shape), err)
+
+
+def check_frugal_refuses_uneven_selections(mesh):
+    weight = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4, dtype=torch.float64), mesh, [Shard(0)]))
+    for selection in ("rows", "randk"):
+        try:
+            shard_optimizer(FRUGAL([{"params": [weight], "projectable": True}], selection=selection))
+        except UserError as error:
+            assert "columns, svd or random" in str(error), error
+        else:
+            raise AssertionError(f"FRUGAL selection={selection} on FSDP2 shards was not refused")
+
+
 def check_column_collectives(mesh):
     group = mesh.get_group()
     rank = dist.get_rank()
@@ -137,6 +175,12 @@ def main():
         check_case(mesh, kind, dict(rank=3, update_proj_gap=100, proj_type="std", switch="keep"))
         check_resume(mesh, kind, dict(rank=3, update_proj_gap=3, proj_type="std", switch="rotate"))
         cases += 2
+    # svd with kept moments depends on the bases' signs (Gram eigenvectors against LAPACK's SVD): not compared
+    for selection, reset in (("block", True), ("block", False), ("columns", True), ("columns", False),
+                             ("svd", True), ("random", True), ("random", False)):
+        check_frugal(mesh, selection, reset)
+        cases += 1
+    check_frugal_refuses_uneven_selections(mesh)
     dist.barrier()
     if dist.get_rank() == 0:
         print(f"OK {cases}", flush=True)

@@ -88,3 +88,24 @@ def test_moe_global_balance_on_fsdp2_and_zero3_matches_ddp(tiny_overrides, tmp_p
             for key in ("loss", "moe/lbl"):
                 expected, got = records["ddp"][step][key], records[name][step][key]
                 assert abs(expected - got) <= 1e-4 * abs(expected), (name, step, key, expected, got)
+
+
+def test_fsdp2_galore_resumes_at_one_and_four_ranks(common, tmp_path):
+    """Saved by 2 ranks at step 5, resumed by 1 and by 4: steps 6-25 as the 2-rank run's, within 1e-5.
+
+    The global batch stays 16 sequences (4, 2 and 1 accumulation steps); GaLore's left and right
+    projections refresh their bases at steps 10 and 20, after the resume.
+    """
+    run = [*common, "trainer.max_steps=25", "parallel.backend=fsdp2", "optim.name=galore", "optim.rank=8",
+           "optim.update_proj_gap=10", "optim.lr=0.01", "checkpoint.keep=5"]
+    straight = step_losses(train(run, tmp_path / "straight"))
+    step_5 = tmp_path / "straight" / "checkpoints" / "step_5"
+    for ranks in (1, 4):
+        result = run_leantrain(["quickstart", *run, f"checkpoint.resume={step_5}",
+                                f"trainer.run_dir={tmp_path / f'at_{ranks}'}"], torchrun_nproc=ranks, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:] + result.stdout[-2000:]
+        assert f"world size changed from 2 to {ranks}: restoring from the disk checkpoint at step 5" in result.stderr
+        resumed = step_losses(tmp_path / f"at_{ranks}")
+        assert sorted(resumed) == list(range(6, 26))
+        for step, loss in resumed.items():
+            assert abs(loss - straight[step]) <= 1e-5, (ranks, step, loss, straight[step])

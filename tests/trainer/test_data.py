@@ -173,6 +173,13 @@ def test_resume_continues_at_the_next_sample(shards, tmp_path):
     x1, _ = halves[1].next()
     assert torch.equal(torch.cat([x0, x1]), expected[0][0])
 
+    # At another world size every rank gets all the saved ranks' states: the same cursor, taken once.
+    for half in halves:
+        half.load_state_dicts([state, state])
+    assert torch.equal(torch.cat([halves[0].next()[0], halves[1].next()[0]]), expected[0][0])
+    with pytest.raises(UserError, match="different data positions"):
+        halves[0].load_state_dicts([state, {**state, "cursor": 0}])
+
     with pytest.raises(UserError, match="seq_len"):
         build_data(DataConfig(source="shards", path=str(shards), seq_len=4), 0).train_loader(4).load_state_dict(state)
     with pytest.raises(UserError, match="seed"):
