@@ -346,3 +346,61 @@ def test_layerwise_on_two_ranks_equals_one_process(tmp_path, monkeypatch):
     for a, b in zip(*[r[PARALLEL_CASES[0]]["weights"].values() for r in ranks]):
         assert torch.equal(a, b)  # DDP replicas stay identical: every rank stepped on the reduced gradient
     assert all("attach_ddp" in r["unattached_error"] for r in ranks)
+
+
+def _copy_by_pickle(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, _copy_by_pickle], ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])  # GaLoreAdamW's own copies: tests/optim/test_galore.py
+def test_a_copy_mid_window_trains_as_the_original(name, copy_of):
+    """Copied inside an accumulation window (a gradient held, not the last micro-step): both finish alike."""
+    optimizer_class, groups_of, kwargs = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    model = Toy()
+    optimizer = LayerwiseOptimizer(groups_of(model), optimizer_class, clip_norm=0.5, **kwargs)
+    data = batches(11, steps=4, accum=2)
+    train(model, optimizer, data[:2], layerwise=True)
+    optimizer.begin_micro_step(False)
+    (loss_of(model, data[2][0]) / 2).backward()
+    twin_model, twin = copy_of((model, optimizer))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        q.grad = p.grad.clone()  # torch copies a parameter without its .grad
+    assert type(twin) is LayerwiseOptimizer and twin.optimizer_class is optimizer_class
+    assert not twin._is_last_micro_step and twin.clip_norm == 0.5
+    assert all(twin.inner[p].state[p] is twin.state[p] and twin.state[p] for p in twin_model.parameters())
+    results = []
+    for m, opt in ((model, optimizer), (twin_model, twin)):
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.begin_micro_step(True)
+        (loss_of(m, data[2][1]) / 2).backward()  # steps this copy's parameters only
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if m is twin_model:
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        results.append(train(m, opt, data[3:], layerwise=True))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_a_second_optimizer_on_the_same_parameters_takes_them_over():
+    """Built twice on one model (a re-run notebook cell, say): the newest steps each parameter, once."""
+    torch.manual_seed(0)
+    base = Toy()
+    data = batches(12, steps=2, accum=2)
+    cfg = OptimConfig(name="galore", lr=0.01, rank=3, update_proj_gap=2, layerwise=True, layerwise_clip=0.5)
+    once = copy.deepcopy(base)
+    once_result = train(once, build_optimizer(cfg, once), data, layerwise=True)
+    twice = copy.deepcopy(base)
+    first = build_optimizer(cfg, twice)
+    second = build_optimizer(cfg, twice)
+    got = train(twice, second, data, layerwise=True)
+    for e, g in zip(once_result, got):
+        assert torch.equal(e, g)
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in twice.parameters())
+    first.step()  # the first is detached: no gradient reaches it, nothing changes
+    assert all(torch.equal(p, g) for p, g in zip(twice.parameters(), got))
