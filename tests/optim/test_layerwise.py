@@ -260,40 +260,77 @@ CLIP = 0.05  # below most parameters' gradient norms: the clipping bites
 PARALLEL_CASES = [("ddp", "galore", 0.0), ("ddp", "galore", CLIP), ("ddp", "adamw", CLIP),
                   ("fsdp2", "adamw", 0.0), ("fsdp2", "adamw", CLIP), ("fsdp2", "galore", 0.0),
                   ("fsdp2", "galore", CLIP)]
+RESUMED = [("ddp", "galore", CLIP), ("fsdp2", "galore", CLIP)]  # also resumed from a checkpoint of step 2
 GLOBAL_ACCUM = 4
 
 
-def engine_train(backend, name, clip, layerwise, world, rank=0):
-    """The trainer's loop through an engine: 3 steps of GLOBAL_ACCUM micro-batches split over the ranks.
-
-    Returns the final weights, the norms ``engine.step`` logged and whether the last window's
-    backward already changed every weight and freed every gradient (before ``engine.step``).
-    """
+def make_engine(backend, name, clip, layerwise, world):
     torch.manual_seed(0)
     model = Toy()
     # FSDP2's exact bases come from the Gram matrix and may differ from LAPACK's SVD in the signs of
     # singular vectors; rotating the moments at the refresh makes the step independent of the signs.
     cfg = OptimConfig(name=name, lr=0.01, rank=3, update_proj_gap=2, switch="rotate", layerwise=layerwise,
                       layerwise_clip=clip)
-    accum = GLOBAL_ACCUM // world.world_size
     engine = build_engine(LossModule(model), model, ParallelConfig(backend=backend), world,
                           lambda: build_optimizer(cfg, model), grad_clip=0.0, micro_batch_size=2,
-                          accumulation_steps=accum)
-    scheduler = LambdaLR(engine.optimizer, lambda step: 1.0 / (1 + step))
-    norms = []
-    for micro_batches in batches(20, steps=3, accum=GLOBAL_ACCUM):
+                          accumulation_steps=GLOBAL_ACCUM // world.world_size)
+    return engine, LambdaLR(engine.optimizer, lambda step: 1.0 / (1 + step))
+
+
+def saved_states(engine, scheduler):
+    """What a checkpoint holds of the engine's states, through torch.save and a weights-only load."""
+    replicated, per_rank = engine.checkpoint_states()
+    buffer = io.BytesIO()
+    torch.save({**{k: v.state_dict() for k, v in {**replicated, **per_rank}.items()},
+                "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def restore_states(engine, scheduler, saved):
+    replicated, per_rank = engine.checkpoint_states()
+    for key, state in {**replicated, **per_rank}.items():
+        state.load_state_dict(saved[key])
+    scheduler.load_state_dict(saved["scheduler"])
+
+
+def engine_train(backend, name, clip, layerwise, world, rank=0, resume=False):
+    """The trainer's loop through an engine: 3 steps of GLOBAL_ACCUM micro-batches split over the ranks.
+
+    Returns the final weights, the norms ``engine.step`` logged and whether the last window's
+    backward already changed every weight and freed every gradient (before ``engine.step``). With
+    ``resume``, also the final weights of a fresh engine resumed from the state after step 2.
+    """
+    engine, scheduler = make_engine(backend, name, clip, layerwise, world)
+    accum = GLOBAL_ACCUM // world.world_size
+    norms, saved = [], None
+
+    def window(engine, scheduler, micro_batches):
         before = {k: v.clone() for k, v in engine.full_state_dict().items()}
         for i, tokens in enumerate(micro_batches[rank * accum:(rank + 1) * accum]):
             with engine.micro_step(is_last=i == accum - 1):
                 engine.backward(engine.module(tokens) / accum)
         after = engine.full_state_dict()
-        in_backward = all(not torch.equal(after[k], v) for k, v in before.items())
-        grads_freed = all(p.grad is None for p in model.parameters())
+        changed = all(not torch.equal(after[k], v) for k, v in before.items())
+        freed = all(p.grad is None for p in engine.model.parameters())
         norms.append(engine.step())
         scheduler.step()
         engine.zero_grad()
-    return {"weights": engine.full_state_dict(), "norms": torch.stack(norms), "in_backward": in_backward,
-            "grads_freed": grads_freed}
+        return changed, freed
+
+    data = batches(20, steps=3, accum=GLOBAL_ACCUM)
+    for step, micro_batches in enumerate(data):
+        if step == 2 and resume:
+            saved = saved_states(engine, scheduler)
+        in_backward, grads_freed = window(engine, scheduler, micro_batches)
+    out = {"weights": engine.full_state_dict(), "norms": torch.stack(norms), "in_backward": in_backward,
+           "grads_freed": grads_freed}
+    if resume:
+        resumed, resumed_scheduler = make_engine(backend, name, clip, layerwise, world)
+        restore_states(resumed, resumed_scheduler, saved)
+        window(resumed, resumed_scheduler, data[2])
+        out["resumed"] = resumed.full_state_dict()
+    return out
 
 
 def _parallel_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -302,7 +339,8 @@ def _parallel_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         world = World(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-        results = {case: engine_train(*case, layerwise=True, world=world, rank=rank) for case in PARALLEL_CASES}
+        results = {case: engine_train(*case, layerwise=True, world=world, rank=rank, resume=case in RESUMED)
+                   for case in PARALLEL_CASES}
         # Without attach_ddp the hooks would see local gradients: that must fail loudly.
         bare = Toy()
         unattached = LayerwiseOptimizer(bare.parameters(), torch.optim.SGD, lr=0.1)
@@ -340,6 +378,8 @@ def test_layerwise_on_two_ranks_equals_one_process(tmp_path, monkeypatch):
             assert got["in_backward"], case
             assert got["grads_freed"] or backend == "ddp", case  # DDP's reducer copies its buckets back
             torch.testing.assert_close(got["norms"], expected["norms"], rtol=1e-6, atol=0.0, msg=str(case))
+            if case in RESUMED:
+                assert all(torch.equal(got["resumed"][k], v) for k, v in got["weights"].items()), case
             for key, value in expected["weights"].items():
                 torch.testing.assert_close(got["weights"][key], value, rtol=0.0, atol=1e-6,
                                            msg=lambda m: f"{case} {key}: {m}")
