@@ -271,7 +271,9 @@ def make_engine(backend, name, clip, layerwise, world):
     # singular vectors; rotating the moments at the refresh makes the step independent of the signs.
     cfg = OptimConfig(name=name, lr=0.01, rank=3, update_proj_gap=2, switch="rotate", layerwise=layerwise,
                       layerwise_clip=clip)
-    engine = build_engine(LossModule(model), model, ParallelConfig(backend=backend), world,
+    # DDP buckets of 0 MiB: from the second step on, each parameter is a bucket of its own, stepped
+    # while the rest of backward still runs.
+    engine = build_engine(LossModule(model), model, ParallelConfig(backend=backend, ddp_bucket_mb=0), world,
                           lambda: build_optimizer(cfg, model), grad_clip=0.0, micro_batch_size=2,
                           accumulation_steps=GLOBAL_ACCUM // world.world_size)
     return engine, LambdaLR(engine.optimizer, lambda step: 1.0 / (1 + step))
