@@ -36,6 +36,7 @@ DeepSpeed owns the optimizer step and refuses this optimizer.
 """
 
 import math
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -102,10 +103,9 @@ class LayerwiseOptimizer(Optimizer):
     def _hook(self, p: torch.Tensor) -> None:
         if not p.requires_grad:
             return
-        for hook in list((p._post_accumulate_grad_hooks or {}).values()):
-            previous = getattr(hook, "__self__", None)
-            if isinstance(previous, LayerwiseOptimizer) and previous is not self:
-                previous._unhook(p)  # built again over these parameters: the newest steps them
+        previous = _owner(p)
+        if previous is not None:
+            previous._unhook(p)  # built again over these parameters: the newest steps them
         self._grad_hooks[p] = p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def _unhook(self, p: torch.Tensor) -> None:
@@ -129,7 +129,9 @@ class LayerwiseOptimizer(Optimizer):
         """Step parameters in DDP's communication hook, on the allreduced gradient (before any backward)."""
         if not isinstance(model, DistributedDataParallel):
             raise TypeError(f"attach_ddp needs a DistributedDataParallel module, got {type(model).__name__}")
-        model.register_comm_hook(model.process_group, self._allreduce_then_step)
+        if model not in _STEPPING_DDP:  # one hook per module (DDP takes only one): it steps for the owners
+            model.register_comm_hook(model.process_group, _allreduce_then_step)
+            _STEPPING_DDP.add(model)
         self._ddp = model
 
     def register_step_pre_hook(self, hook: Callable) -> RemovableHandle:
@@ -150,20 +152,6 @@ class LayerwiseOptimizer(Optimizer):
             raise RuntimeError("LayerwiseOptimizer in a distributed run without attach_ddp(model): the gradient "
                                "here is local, before DDP's allreduce; call optimizer.attach_ddp(ddp_model) first")
         self._step_param(p)
-
-    def _allreduce_then_step(self, process_group: dist.ProcessGroup, bucket: dist.GradBucket
-                             ) -> torch.futures.Future[torch.Tensor]:
-        future = allreduce_hook(process_group, bucket)
-        future.wait()
-        for p, grad in zip(bucket.parameters(), bucket.gradients()):
-            if p not in self._grad_hooks:
-                continue  # not this optimizer's, or built again elsewhere
-            if p.grad is None and not bool(grad.any()):
-                continue  # unused on every rank (find_unused_parameters): DDP leaves no gradient to step on
-            # The reducer copies the bucket into p.grad only at the end of backward.
-            p.grad = grad
-            self._step_param(p)
-        return future
 
     def _step_param(self, p: torch.Tensor) -> None:
         if p in self._stepped:
@@ -275,6 +263,35 @@ class LayerwiseOptimizer(Optimizer):
         self._grad_hooks, self._layerwise_pre_hooks, self._ddp = {}, OrderedDict(), None
         for p in self.inner:  # the copied parameters: ours to step
             self._hook(p)
+
+
+_STEPPING_DDP: "weakref.WeakSet[DistributedDataParallel]" = weakref.WeakSet()
+"""DDP modules whose communication hook is ``_allreduce_then_step``."""
+
+
+def _owner(p: torch.Tensor) -> LayerwiseOptimizer | None:
+    """The layer-wise optimizer whose hook is on ``p`` (at most one: each takes over from the last)."""
+    for hook in (p._post_accumulate_grad_hooks or {}).values():
+        if getattr(hook, "__func__", None) is LayerwiseOptimizer._on_grad_ready:
+            return hook.__self__
+    return None
+
+
+def _allreduce_then_step(process_group: dist.ProcessGroup, bucket: dist.GradBucket
+                         ) -> torch.futures.Future[torch.Tensor]:
+    """DDP's allreduce (averaging) of one bucket, then each of its parameters steps with its owner."""
+    future = allreduce_hook(process_group, bucket)
+    future.wait()
+    for p, grad in zip(bucket.parameters(), bucket.gradients()):
+        owner = _owner(p)
+        if owner is None or owner._ddp is None:
+            continue  # not stepped in backward (no owner), or its owner was not attached and says so
+        if p.grad is None and not bool(grad.any()):
+            continue  # unused on every rank (find_unused_parameters): DDP leaves no gradient to step on
+        # The reducer copies the bucket into p.grad only at the end of backward.
+        p.grad = grad
+        owner._step_param(p)
+    return future
 
 
 def _sum_over_mesh(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint
 
@@ -343,6 +344,14 @@ def _parallel_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
         world = World(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
         results = {case: engine_train(*case, layerwise=True, world=world, rank=rank, resume=case in RESUMED)
                    for case in PARALLEL_CASES}
+        # Built twice over one DDP model: the second takes the parameters over (DDP's one hook steps for it).
+        cfg = OptimConfig(name="adamw", lr=0.01, layerwise=True)
+        data = batches(30 + rank, steps=2, accum=2)
+        for times in (1, 2):
+            torch.manual_seed(0)
+            ddp = DistributedDataParallel(Toy())
+            optimizers = [build_optimizer(cfg, ddp) for _ in range(times)]
+            results[f"built {times}x"] = train(ddp, optimizers[-1], data, layerwise=True, sync=ddp.no_sync)
         # Without attach_ddp the hooks would see local gradients: that must fail loudly.
         bare = Toy()
         unattached = LayerwiseOptimizer(bare.parameters(), torch.optim.SGD, lr=0.1)
@@ -388,6 +397,8 @@ def test_layerwise_on_two_ranks_equals_one_process(tmp_path, monkeypatch):
     for a, b in zip(*[r[PARALLEL_CASES[0]]["weights"].values() for r in ranks]):
         assert torch.equal(a, b)  # DDP replicas stay identical: every rank stepped on the reduced gradient
     assert all("attach_ddp" in r["unattached_error"] for r in ranks)
+    for results in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(results["built 1x"], results["built 2x"]))
 
 
 def _copy_by_pickle(obj):
