@@ -50,6 +50,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import UserError
 
+
 class LayerwiseOptimizer(Optimizer):
     """Steps each parameter with its own ``optimizer_class`` instance as soon as its gradient is ready.
 
