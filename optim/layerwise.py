@@ -27,9 +27,9 @@ Where the hook runs, so that it sees the averaged gradient:
   overlap, not memory.
 - FSDP2: a parameter is a DTensor that autograd never sees; FSDP2 calls its post-accumulate-grad
   hooks itself after the reduce-scatter of its block, with the averaged shard as ``.grad``
-  (``foreach_reduce`` in torch's ``_fully_shard``), once per window since gradients are only
-  reduced at its last micro-step. The shard steps and is freed there, block by block, so sharded
-  gradients never exist for the whole model. Norms for clipping and ``grad_norm`` sum the shards'
+  (``foreach_reduce`` in torch's ``_fully_shard``, since pytorch#129450), once per window since
+  gradients are only reduced at its last micro-step. The shard steps and is freed there, block by
+  block, so sharded gradients never exist for the whole model. Norms for clipping and ``grad_norm`` sum the shards'
   squares over the mesh: one all-reduce per clipped parameter, one per step for the global norm.
   Low-rank inner optimizers must be the sharded forms (``parallel/fsdp.py`` converts them).
 DeepSpeed owns the optimizer step and refuses this optimizer.
