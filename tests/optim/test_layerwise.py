@@ -270,7 +270,8 @@ def make_engine(backend, name, clip, layerwise, world):
     model = Toy()
     # FSDP2's exact bases come from the Gram matrix and may differ from LAPACK's SVD in the signs of
     # singular vectors; rotating the moments at the refresh makes the step independent of the signs.
-    cfg = OptimConfig(name=name, lr=0.01, rank=3, update_proj_gap=2, switch="rotate", layerwise=layerwise,
+    # GaLore staggers its refreshes: one param group per matrix, each converted to its sharded form.
+    cfg = OptimConfig(name=name, lr=0.01, rank=3, update_proj_gap=2, switch="rotate", stagger=name == "galore", layerwise=layerwise,
                       layerwise_clip=clip)
     # DDP buckets of 0 MiB: from the second step on, each parameter is a bucket of its own, stepped
     # while the rest of backward still runs.
