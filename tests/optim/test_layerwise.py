@@ -186,18 +186,24 @@ def test_pre_hooks_run_once_before_the_first_update():
         assert all(torch.equal(s, b) for s, b in zip(seen[-1], before))
 
 
-def test_per_parameter_clipping_matches_manual_clipping():
+def test_per_parameter_clipping_clips_the_accumulated_gradient():
+    """Each parameter's gradient summed over the window is clipped alone, right before its step."""
     torch.manual_seed(0)
     base = Toy()
-    tokens = batches(5, steps=1, accum=1)[0][0]
+    window = batches(5, steps=1, accum=2)[0]
     plain = copy.deepcopy(base)
-    loss_of(plain, tokens).backward()
+    for tokens in window:
+        (loss_of(plain, tokens) / 2).backward()
+    norms = [p.grad.norm() for p in plain.parameters()]
+    assert min(norms) < 0.1 < max(norms)  # some clipped, some not
     for p in plain.parameters():
-        torch.nn.utils.clip_grad_norm_([p], 0.05)
+        torch.nn.utils.clip_grad_norm_([p], 0.1)
     torch.optim.SGD(plain.parameters(), lr=1.0).step()
     layer = copy.deepcopy(base)
-    optimizer = LayerwiseOptimizer(layer.parameters(), torch.optim.SGD, lr=1.0, clip_norm=0.05)
-    loss_of(layer, tokens).backward()
+    optimizer = LayerwiseOptimizer(layer.parameters(), torch.optim.SGD, lr=1.0, clip_norm=0.1)
+    for i, tokens in enumerate(window):
+        optimizer.begin_micro_step(i == 1)
+        (loss_of(layer, tokens) / 2).backward()
     optimizer.step()
     for e, g in zip(plain.parameters(), layer.parameters()):
         torch.testing.assert_close(g, e)
