@@ -23,8 +23,8 @@ Where the hook runs, so that it sees the averaged gradient:
 - One process: autograd calls it once the parameter's gradient is accumulated.
 - DDP: autograd's call comes before the allreduce, so ``attach_ddp(model)`` moves the stepping into
   a DDP communication hook: each bucket is allreduced (averaged, as DDP does), then its parameters
-  step on the reduced gradient. DDP's buckets keep a full gradient copy, so there the gain is
-  overlap, not memory.
+  step on the reduced gradient. Each local gradient is freed there; ``.grad`` is left a view of the
+  bucket, which DDP keeps anyway: one copy of the gradients instead of DDP's usual two.
 - FSDP2: a parameter is a DTensor that autograd never sees; FSDP2 calls its post-accumulate-grad
   hooks itself after the reduce-scatter of its block, with the averaged shard as ``.grad``
   (``foreach_reduce`` in torch's ``_fully_shard``, since pytorch#129450), once per window since
@@ -292,6 +292,9 @@ def _allreduce_then_step(process_group: dist.ProcessGroup, bucket: dist.GradBuck
         # The reducer copies the bucket into p.grad only at the end of backward.
         p.grad = grad
         owner._step_param(p)
+        # That copy would clone the bucket into a None p.grad, a gradient's worth of memory; into
+        # the bucket's own view it allocates nothing (the local gradient was freed above).
+        p.grad = grad
     return future
 
 
