@@ -170,7 +170,7 @@ class LayerwiseOptimizer(Optimizer):
             self._grad_sq_sum = sq if self._grad_sq_sum is None else self._grad_sq_sum + sq.to(self._grad_sq_sum.device)
         if self.clip_norm > 0.0:
             # The whole parameter's norm: under FSDP2 the shards' squares summed over the mesh.
-            norm = (_sum_over_mesh(sq.clone(), grad) if sharded else sq).sqrt()
+            norm = (_sum_over_mesh(sq, grad) if sharded else sq).sqrt()
             # The same coefficient as torch.nn.utils.clip_grad_norm_, on this parameter's norm alone.
             local.mul_((self.clip_norm / (norm + 1e-6)).clamp(max=1.0).to(local.dtype))
         inner = self.inner[p]
@@ -216,8 +216,8 @@ class LayerwiseOptimizer(Optimizer):
         sharded = next((p for p in self.inner if _is_dtensor(p)), None)
         total = self._grad_sq_sum if self._grad_sq_sum is not None else torch.zeros(())
         if sharded is not None:  # every rank holds the same parameters: each joins this all-reduce
-            shards = self._shard_sq_sum if self._shard_sq_sum is not None else torch.zeros((), device=total.device)
-            total = total.to(shards.device) + _sum_over_mesh(shards.clone(), sharded)
+            shards = self._shard_sq_sum if self._shard_sq_sum is not None else torch.zeros((), device=sharded.device)
+            total = total.to(shards.device) + _sum_over_mesh(shards, sharded)
         self.grad_norm = total.sqrt()
         self._finished = True
 
@@ -299,9 +299,14 @@ def _allreduce_then_step(process_group: dist.ProcessGroup, bucket: dist.GradBuck
 
 
 def _sum_over_mesh(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` summed in place over the ranks of the DTensor ``like``'s (1-D) mesh."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=like.device_mesh.get_group())
-    return t
+    """A copy of ``t`` summed over the ranks of the DTensor ``like``'s (1-D) mesh, on ``t``'s device.
+
+    The sum runs on the mesh's device: with FSDP2's CPU offload the shards are on the host, NCCL is not.
+    """
+    mesh = like.device_mesh
+    total = t.to(mesh.device_type, copy=True)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    return total.to(t.device)
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
