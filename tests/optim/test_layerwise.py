@@ -370,6 +370,15 @@ def _parallel_worker(rank: int, world_size: int, port: int, out_dir: str) -> Non
         except RuntimeError as exc:
             results["unattached_error"] = str(exc)
         unattached.remove_hooks()
+        # A replicated DTensor is no FSDP2 shard: summing its squares over the ranks would be wrong.
+        from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+        replicated = nn.Parameter(distribute_tensor(torch.randn(4, 4), init_device_mesh("cpu", (world_size,)),
+                                                    [Replicate()]))
+        try:
+            LayerwiseOptimizer([replicated], torch.optim.SGD, lr=0.1)
+            results["replicated_error"] = ""
+        except UserError as exc:
+            results["replicated_error"] = str(exc)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -406,6 +415,7 @@ def test_layerwise_on_two_ranks_equals_one_process(tmp_path, monkeypatch):
     for a, b in zip(*[r[PARALLEL_CASES[0]]["weights"].values() for r in ranks]):
         assert torch.equal(a, b)  # DDP replicas stay identical: every rank stepped on the reduced gradient
     assert all("attach_ddp" in r["unattached_error"] for r in ranks)
+    assert all("FSDP2's 1-D sharding" in r["replicated_error"] for r in ranks)
     for results in ranks:
         assert all(torch.equal(a, b) for a, b in zip(results["built 1x"], results["built 2x"]))
 
