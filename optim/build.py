@@ -30,7 +30,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, seed: int = 0) -> torch.
     """Build the optimizer named by ``optim.name`` for ``model``'s trainable parameters.
 
     With ``optim.layerwise`` this returns a ``LayerwiseOptimizer``; pass the DDP-wrapped module (or
-    call its ``attach_ddp``) so that parameters step on the allreduced gradient.
+    call its ``attach_ddp``) so that parameters step on the allreduced gradient. Under FSDP2 build it
+    on the sharded model; ``parallel.fsdp`` swaps its inner optimizers for their sharded forms.
     """
     if cfg.lr <= 0:
         raise UserError(f"optim.lr must be positive, got {cfg.lr}")

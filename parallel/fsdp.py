@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
 from ..errors import UserError
+from ..optim.layerwise import LayerwiseOptimizer
 from .config import ParallelConfig
 from .sharded_lowrank import shard_optimizer
 from .world import World, ensure_process_group
@@ -72,7 +73,11 @@ def build_fsdp2_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelCo
     shard_model(loss_module, model, cfg, mesh)
     if materialize is not None:
         materialize()
-    optimizer = shard_optimizer(make_optimizer())
+    optimizer = make_optimizer()
+    if isinstance(optimizer, LayerwiseOptimizer):
+        optimizer.convert_inner(shard_optimizer)  # one optimizer per parameter: each its sharded form
+    else:
+        optimizer = shard_optimizer(optimizer)
     return FSDP2Engine(loss_module, model, optimizer, grad_clip, mesh)
 
 
@@ -84,12 +89,17 @@ class FSDP2Engine(DataParallelEngine):
         self.mesh = mesh
 
     def micro_step(self, is_last: bool) -> AbstractContextManager:
-        # Without sync the unsharded gradients accumulate locally; the last backward reduce-scatters them.
+        # Without sync the unsharded gradients accumulate locally; the last backward reduce-scatters
+        # them, and only then does FSDP2 call the parameters' post-accumulate-grad hooks (per-layer updates).
+        if hasattr(self.optimizer, "begin_micro_step"):
+            self.optimizer.begin_micro_step(is_last)
         if isinstance(self.module, FSDPModule):
             self.module.set_requires_gradient_sync(is_last)
         return nullcontext()
 
     def step(self) -> torch.Tensor:
+        if hasattr(self.optimizer, "clip_grad_norm_"):  # per-layer updates: the norm is the optimizer's
+            return super().step()
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
         if isinstance(norm, DTensor):  # partial sums of squares on each rank

@@ -422,8 +422,7 @@ def _hf_config_only(cfg: Config) -> Iterator[Config]:
 def _check_optimizer(cfg: Config, model: nn.Module) -> None:
     """Refuse what the run would refuse about its optimizer, though the simulation builds it without offload.
 
-    With offload, the real optimizer is built once (its checks run) and closed; per-layer updates on
-    FSDP2's sharded parameters are refused as ``LayerwiseOptimizer`` refuses them.
+    With offload, the real optimizer is built once (its checks run) and closed.
     """
     if cfg.optim.offload != "none":
         optimizer = build_optimizer(cfg.optim, model, cfg.trainer.seed)
@@ -435,9 +434,6 @@ def _check_optimizer(cfg: Config, model: nn.Module) -> None:
         finally:
             if hasattr(optimizer, "close"):
                 optimizer.close()
-    if cfg.optim.layerwise and cfg.parallel.backend == "fsdp2":
-        raise UserError("optim.layerwise cannot run with parallel.backend=fsdp2: per-layer updates need each "
-                        "parameter's whole reduced gradient, FSDP2 reduce-scatters shards. Use ddp, or turn it off")
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:

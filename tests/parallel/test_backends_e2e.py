@@ -109,3 +109,20 @@ def test_fsdp2_galore_resumes_at_one_and_four_ranks(common, tmp_path):
         assert sorted(resumed) == list(range(6, 26))
         for step, loss in resumed.items():
             assert abs(loss - straight[step]) <= 1e-5, (ranks, step, loss, straight[step])
+
+
+def test_layerwise_on_ddp_and_fsdp2_matches_one_process(tiny_overrides, tmp_path):
+    """Per-layer GaLore with per-parameter clipping: 2 ranks x 2 accumulation steps against 1 process x 4."""
+    layerwise = [*tiny_overrides, "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "trainer.max_steps=3",
+                 "trainer.eval_interval=0",
+                 "optim.name=galore", "optim.rank=8", "optim.update_proj_gap=2", "optim.switch=rotate",
+                 "optim.lr=0.01", "optim.layerwise=true", "optim.layerwise_clip=0.5", "trainer.grad_clip=0",
+                 "checkpoint.interval=2"]
+    one = run_leantrain(["train", "quickstart", *layerwise, f"trainer.run_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-4000:]
+    expected = step_losses(tmp_path / "one")
+    for backend in ("ddp", "fsdp2"):
+        losses = step_losses(train([*layerwise, f"parallel.backend={backend}"], tmp_path / backend))
+        assert sorted(losses) == sorted(expected) == [1, 2, 3]
+        for step in expected:
+            assert abs(losses[step] - expected[step]) <= 1e-5 * expected[step], (backend, step, losses, expected)
