@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 
 from ..errors import UserError
 from . import projector
+from .pickling import whole_state
 from .projector import PROJ_TYPES, SVD_METHODS
 
 SWITCH_POLICIES = ("keep", "reset", "rotate")
@@ -111,6 +112,9 @@ class GaLoreAdamW(Optimizer):
                         svd=svd, oversample=oversample, power_iters=power_iters, sketch_dtype=sketch_dtype,
                         switch=switch, guard=guard, decay_before_update=decay_before_update, foreach=foreach)
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return whole_state(self)  # torch's keeps neither the stagger nor the refresh plan
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rank" in param_group:
