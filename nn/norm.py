@@ -1,8 +1,9 @@
 """RMSNorm with fp32 statistics.
 
 Under bf16 autocast (or with bf16 weights) the mean of squares is still taken in float32: the
-reduction over the hidden size is where low precision hurts. The result is cast back to the input's
-dtype so the residual stream keeps whatever precision it had.
+reduction over the hidden size is where low precision hurts. A float64 input is normalized in float64
+(so ``torch.autograd.gradcheck`` holds). The result is cast back to the input's dtype so the residual
+stream keeps whatever precision it had.
 """
 
 import torch
@@ -23,8 +24,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same dtype for input and weight keeps torch on its fused kernel.
-        return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
+        # At least float32; the same dtype for input and weight keeps torch on its fused kernel.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(dtype), (self.dim,), self.weight.to(dtype), self.eps).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

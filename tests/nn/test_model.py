@@ -175,6 +175,19 @@ def test_rms_norm_matches_formula():
     torch.testing.assert_close(out.double(), expected_bf16, rtol=2**-8, atol=1e-6)
 
 
+def test_rms_norm_keeps_float64_and_passes_gradcheck():
+    torch.manual_seed(0)
+    norm = RMSNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    out = norm(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_rms_norm(x, norm.weight, 1e-5), rtol=1e-14, atol=1e-14)
+    weight = norm.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), (x, weight))
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.manual_seed(0)
     dim, n_heads, n_kv, head_dim = 64, 8, 2, 8
