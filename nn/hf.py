@@ -12,12 +12,14 @@
 import dataclasses
 import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -114,11 +116,14 @@ class LeanForCausalLM(PreTrainedModel, GenerationMixin):
     No key/value cache: every generation step runs the whole sequence again, which is what ``generate``
     gets (``use_cache`` is accepted and ignored). A tied model has no separate head parameter, so there is
     nothing for HF to tie. Padded batches are refused: the model attends causally to every token.
+    ``gradient_checkpointing_enable()`` (HF Trainer's ``gradient_checkpointing=True``) switches on the
+    Transformer's own activation checkpointing, with HF's checkpoint function.
     """
 
     config_class = LeanConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
     _tied_weights_keys = None
 
@@ -148,6 +153,15 @@ class LeanForCausalLM(PreTrainedModel, GenerationMixin):
         if self.model.output is None:
             raise ValueError("a tied LeanForCausalLM has no separate output head; set the input embeddings")
         self.model.output = value
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        # HF's default looks for modules with a `gradient_checkpointing` flag; the Transformer has its own switch.
+        self.model.set_activation_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(self.model.checkpointed)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

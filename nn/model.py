@@ -11,7 +11,9 @@ Norm placements, with F the attention or the feed-forward sublayer:
 """
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -158,6 +160,7 @@ class Transformer(nn.Module):
         for param in self.parameters():
             param.data = param.data.to(dtype)
         self.init_weights()
+        self.set_activation_checkpointing(cfg.activation_checkpointing)
         if cfg.compile:
             for layer in self.layers:
                 if not layer.is_moe:  # expert counts give data-dependent shapes: MoE blocks stay eager
@@ -209,6 +212,16 @@ class Transformer(nn.Module):
             raise TypeError(f"init_stds has no rule for {missing}")
         return stds
 
+    def set_activation_checkpointing(self, enable: bool, checkpoint_fn: Callable | None = None,
+                                     every_n_layers: int = 1) -> None:
+        """Recompute the activations of every ``every_n_layers``-th block in backward (from the first), through
+        ``checkpoint_fn(block, *inputs)``: torch's non-reentrant checkpoint by default, or the function HF's
+        ``gradient_checkpointing_enable`` builds (with its kwargs or host offload)."""
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be positive, got {every_n_layers}")
+        self.checkpoint_fn = checkpoint_fn or functools.partial(checkpoint, use_reentrant=False)
+        self.checkpointed = [enable and i % every_n_layers == 0 for i in range(len(self.layers))]
+
     @property
     def head_weight(self) -> torch.Tensor:
         """The output projection's weight [vocab, dim]: logits = hidden @ head_weight.T."""
@@ -226,9 +239,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         if self.embed_norm is not None:
             h = self.embed_norm(h)
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, self.rope_cos, self.rope_sin, balance, use_reentrant=False)
+        for layer, checkpointed in zip(self.layers, self.checkpointed):
+            if checkpointed and torch.is_grad_enabled():
+                h = self.checkpoint_fn(layer, h, self.rope_cos, self.rope_sin, balance)
             else:
                 h = layer(h, self.rope_cos, self.rope_sin, balance)
         return self.norm(h)

@@ -2,7 +2,8 @@
 
 Under bf16 autocast (or with bf16 weights) the mean of squares is still taken in float32: the
 reduction over the hidden size is where low precision hurts; a bf16 gain multiplies the fp32 result.
-The result is cast back to the input's dtype so the residual stream keeps whatever precision it had.
+A float64 input is normalized in float64 (so ``torch.autograd.gradcheck`` holds). The result is cast
+back to the input's dtype so the residual stream keeps whatever precision it had.
 """
 
 import torch
@@ -23,10 +24,11 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype == torch.float32:  # same dtype for input and weight keeps torch on its fused kernel
-            return F.rms_norm(x.float(), (self.dim,), self.weight, self.eps).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least float32
+        if self.weight.dtype == dtype:  # same dtype for input and weight keeps torch on its fused kernel
+            return F.rms_norm(x.to(dtype), (self.dim,), self.weight, self.eps).type_as(x)
         # A low-precision gain multiplies the fp32 normalised input (the product is fp32): no fp32 copy of it is made.
-        return (F.rms_norm(x.float(), (self.dim,), eps=self.eps) * self.weight).type_as(x)
+        return (F.rms_norm(x.to(dtype), (self.dim,), eps=self.eps) * self.weight).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

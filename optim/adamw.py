@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from ..errors import UserError
 from . import moments
 from .moments import CodeTables, check_state_bits
+from .pickling import whole_state
 from .rounding import needs_rounding, rounding_generator, stochastic_round_
 
 
@@ -92,6 +93,9 @@ class AdamW(Optimizer):
         self._tables = CodeTables()
         self._ordinals: dict[torch.Tensor, int] | None = None
         self.rounding_offset = 0  # see rounding.py: set by wrappers that give each parameter its own optimizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return whole_state(self)  # torch's keeps neither the code tables nor the rounding offset
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

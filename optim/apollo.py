@@ -12,6 +12,8 @@ from typing import Any
 from apollo_torch import APOLLOAdamW
 from apollo_torch.random_projector import GradientProjector
 
+from .pickling import whole_state
+
 SCALE_TYPES = ("channel", "tensor")
 PROJECTIONS = ("random", "svd")
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
@@ -26,6 +28,9 @@ class APOLLO(APOLLOAdamW):
     (random | svd) and ``scale_type`` (channel | tensor) get APOLLO's scaled updates; the others plain
     AdamW, as in the peer library.
     """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return whole_state(self)  # torch's drops apollo-torch's scale_front and disable_nl
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()

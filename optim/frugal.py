@@ -36,6 +36,7 @@ from . import moments
 from .adamw import adam_update_
 from .groups import zero_step
 from .moments import CodeTables, check_state_bits
+from .pickling import whole_state
 from .projector import add_projected_back_, exact_basis, project, projection_side
 from .rounding import float32_update, needs_rounding, rounding_generator
 
@@ -117,6 +118,9 @@ class FRUGAL(Optimizer):
         if not any(group["projectable"] for group in self.param_groups):
             warnings.warn("FRUGAL: no param group is marked 'projectable': True, so every parameter gets plain AdamW",
                           stacklevel=2)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return whole_state(self)  # torch's keeps neither the code tables nor the rounding offset
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

@@ -30,6 +30,7 @@ from ..errors import UserError
 from . import moments, projector
 from .adamw import adam_update_
 from .moments import CodeTables, check_state_bits
+from .pickling import whole_state
 from .projector import PROJ_TYPES, SVD_METHODS
 from .rounding import float32_update, needs_rounding, rounding_generator
 
@@ -133,6 +134,9 @@ class GaLoreAdamW(Optimizer):
                         switch=switch, guard=guard, decay_before_update=decay_before_update, foreach=foreach,
                         state_bits=state_bits, seed=seed)
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return whole_state(self)  # torch's keeps neither the stagger nor the refresh plan
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "rank" in param_group:

@@ -9,6 +9,11 @@ is freed, so state memory follows the active blocks; a block switched on again s
 Draws come from a generator seeded with (seed, switch index): identical on every data-parallel rank
 and after a resume, without communication.
 
+Building a second LISA on the same model replaces the first: the block list remembers which of its
+parameters were trainable before any LISA froze some, so the new one switches those, and the old one
+refuses to step. ``copy.deepcopy`` and pickle of the model together with its LISA give a pair that
+trains exactly as the original would.
+
 Under DDP, wrap the model first with ``find_unused_parameters=True`` and then build LISA from the
 wrapped model: DDP registers only the parameters that require gradients when it is built, and it must
 be told that frozen blocks produce no gradient (a static graph does not fit a changing set).
@@ -16,6 +21,7 @@ be told that frozen blocks produce no gradient (a static graph does not fit a ch
 
 import functools
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +33,7 @@ from ..errors import UserError
 from .adamw import AdamW
 from .groups import decay_groups, zero_step
 from .moments import check_state_bits
+from .pickling import whole_state
 
 LAYER_LIST_PATHS = (
     "layers", "model.layers", "transformer.h", "transformer.layers", "model.decoder.layers",
@@ -60,6 +67,20 @@ def sample_layers(n_total: int, n_active: int, seed: int, switch_index: int) -> 
     """The sorted block indices active after switch ``switch_index``; a pure function of its arguments."""
     generator = torch.Generator().manual_seed((seed * 1_000_003 + switch_index) % (2**63))
     return sorted(torch.randperm(n_total, generator=generator)[:n_active].tolist())
+
+
+@dataclass
+class BlockClaim:
+    """Left on the block list by the first LISA built on it and shared by later ones (a plain attribute, so
+    it travels with the model through copy.deepcopy and pickle)."""
+
+    trainable: list[list[str]]
+    """Per block, the names of its parameters that required gradients before LISA first froze any."""
+    generation: int = 0
+    """How many LISAs have been built on the block list; only the latest may step."""
+
+
+CLAIM_ATTR = "_lisa_claim"
 
 
 class LISA(Optimizer):
@@ -111,8 +132,19 @@ class LISA(Optimizer):
         if interval < 1:
             raise UserError(f"LISA interval must be a positive number of steps, got {interval}")
         self.n_layers, self.interval, self.seed = n_layers, interval, seed
-        # Only what was trainable at the start is ever switched on: user-frozen parameters stay frozen.
-        self._trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.layers]
+        # Only what was trainable before LISA is ever switched on: user-frozen parameters stay frozen. A
+        # LISA built earlier on these blocks froze some of them itself; its claim says what they were.
+        claim = getattr(self.layers, CLAIM_ATTR, None)
+        if claim is None:
+            claim = BlockClaim([[n for n, p in layer.named_parameters() if p.requires_grad] for layer in self.layers])
+            setattr(self.layers, CLAIM_ATTR, claim)
+        claim.generation += 1
+        self._claim, self._generation = claim, claim.generation
+        self._trainable = [[layer.get_parameter(name) for name in names]
+                           for layer, names in zip(self.layers, claim.trainable)]
+        for params in self._trainable:  # the blocks a replaced LISA froze train again, as in the base's groups
+            for p in params:
+                p.requires_grad_(True)
         check_state_bits(state_bits, "LISA state_bits")
         if base_optimizer is not None and state_bits != 32:
             raise UserError("LISA: pass state_bits to the base optimizer you build, not to LISA")
@@ -126,6 +158,9 @@ class LISA(Optimizer):
         self.active_layers: list[int] = []
         self._activate(sample_layers(len(self.layers), n_layers, seed, 0))
 
+    def __getstate__(self) -> dict[str, Any]:
+        return whole_state(self)  # torch's keeps neither the base optimizer nor the blocks
+
     def _share_base(self) -> None:
         self.param_groups = self.base.param_groups
         self.state = self.base.state
@@ -133,6 +168,9 @@ class LISA(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Step the base optimizer; switch the active blocks every ``interval`` steps."""
+        if self._claim.generation != self._generation:
+            raise UserError(f"this LISA was replaced by a LISA built later on the same model ({self.layers_path}); "
+                            "step that one")
         loss = self.base.step(closure) if closure is not None else self.base.step()
         self.steps += 1
         if self.steps % self.interval == 0:

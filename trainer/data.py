@@ -14,6 +14,7 @@ next sample.
 """
 
 import argparse
+import codecs
 import fcntl
 import glob
 import hashlib
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SOURCES = ("stdlib", "shards", "text")
+TEXT_SUFFIXES = (".txt", ".jsonl")
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_SHARD_TOKENS = 100_000_000
 # Tests, IDLE and installed packages would make the corpus 10x larger or dependent on what is installed.
@@ -105,7 +107,7 @@ def match_files(patterns: list[str], setting: str) -> list[Path]:
             raise UserError(f"{setting} is empty; give a glob of .txt/.jsonl files")
         pattern = os.path.expanduser(pattern)
         if os.path.isdir(pattern):
-            raise UserError(f"{setting}={pattern!r} is a directory; give a glob of its files, e.g. {pattern}/*.jsonl")
+            raise UserError(_directory_error(Path(pattern), setting))
         matches = [Path(m).resolve() for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
         if not matches:
             raise UserError(f"{setting}={pattern!r}: no such file (the glob matches nothing)")
@@ -113,20 +115,59 @@ def match_files(patterns: list[str], setting: str) -> list[Path]:
     return sorted(files)
 
 
+def _directory_error(directory: Path, setting: str) -> str:
+    """What to say when ``setting`` names a directory rather than a glob: a glob of its text files, if it has any."""
+    texts = sorted(p for p in directory.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+    if not texts:
+        return (f"{setting}={str(directory)!r} is a directory with no {' or '.join(TEXT_SUFFIXES)} files in it; "
+                "give a glob of text files")
+    nested = "" if texts[0].parent == directory else "**/"
+    example = f"{directory}/{nested}*{texts[0].suffix}"
+    return f"{setting}={str(directory)!r} is a directory; give a glob of its files, e.g. {example}"
+
+
 def read_documents(path: Path, text_key: str, setting: str) -> Iterator[str]:
     """The documents of one user file: each JSONL record's ``text_key`` field, or a whole text file."""
-    if path.stat().st_size == 0:
-        raise UserError(f"{setting}: {path} is empty")
     try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{setting}: {path} is empty")
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(path, text_key)
             return
         text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{setting}: {path} is not UTF-8 text ({e})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path, setting) from None
+    except OSError as e:
+        raise UserError(f"{setting}: cannot read {path}: {e.strerror or e}") from None
     if not text.strip():
         raise UserError(f"{setting}: {path} holds only whitespace")
     yield text
+
+
+def _not_utf8(path: Path, setting: str) -> UserError:
+    """The error naming the file offset and line of the first byte of ``path`` that is not UTF-8.
+
+    Found by decoding again block by block: the decoder's own position is within its last buffer, not the file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as f:
+        while True:
+            block = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # the start of a character cut by the last block's end
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                line += block[: max(0, e.start - pending)].count(b"\n")
+                return UserError(
+                    f"{setting}: {path} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset "
+                    f"{offset - pending + e.start} (line {line}) does not decode; convert the file to UTF-8 "
+                    "(e.g. iconv -f latin1 -t utf-8)"
+                )
+            if not block:
+                return UserError(f"{setting}: {path} is not UTF-8 text")  # it changed since it was read
+            offset += len(block)
+            line += block.count(b"\n")
 
 
 def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:

@@ -165,6 +165,61 @@ def test_greedy_generate_equals_a_greedy_loop(use_cache):
     assert torch.equal(generated, greedy_reference(model, prompt, 8))
 
 
+def block_calls_and_grads(model: LeanForCausalLM) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """How often each block's forward ran in one training step, and the gradients of that step."""
+    calls = [0] * len(model.model.layers)
+
+    def counted(i: int, forward):
+        def forward_once_more(*args, **kwargs):
+            calls[i] += 1
+            return forward(*args, **kwargs)
+        return forward_once_more
+
+    # Wrapping forward, not a forward hook: torch's checkpoint recomputes without running module hooks.
+    for i, layer in enumerate(model.model.layers):
+        layer.forward = counted(i, layer.forward)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = tokens(batch=2, seed=3)
+    model(input_ids=x, labels=x).loss.backward()
+    for layer in model.model.layers:
+        del layer.forward
+    return calls, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
+    model = lean_model(seed=2)
+    calls, expected = block_calls_and_grads(model)
+    assert calls == [1, 1] and not model.is_activation_checkpointing
+    with pytest.warns(FutureWarning):  # HF's deprecated name, still what most client code calls
+        model.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    calls, grads = block_calls_and_grads(model)
+    assert calls == [2, 2]  # each block runs again in backward
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=1e-7, msg=name)
+    model.activation_checkpointing_enable(every_n_layers=2)
+    assert block_calls_and_grads(model)[0] == [2, 1]
+    model.gradient_checkpointing_disable()
+    assert not model.is_activation_checkpointing and block_calls_and_grads(model)[0] == [1, 1]
+
+
+def test_hf_trainer_trains_with_gradient_checkpointing(tmp_path):
+    pytest.importorskip("accelerate", reason="HF's Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = lean_model(seed=3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rows = [{"input_ids": x, "labels": x} for x in tokens(batch=8, seed=9)]
+    args = TrainingArguments(output_dir=str(tmp_path), gradient_checkpointing=True, max_steps=2,
+                             per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_steps=1, disable_tqdm=True)
+    result = Trainer(model=model, args=args, train_dataset=rows).train()
+    assert model.is_activation_checkpointing
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
 def test_auto_classes_know_leantrain():
     register_auto_classes()  # idempotent: the import already did it
     config = AutoConfig.for_model("leantrain", dim=32, n_heads=4, n_kv_heads=2, n_layers=1, intermediate_size=32)

@@ -175,6 +175,29 @@ def test_rms_norm_matches_formula():
     torch.testing.assert_close(out.double(), expected_bf16, rtol=2**-8, atol=1e-6)
 
 
+def test_rms_norm_keeps_float64_and_passes_gradcheck():
+    torch.manual_seed(0)
+    norm = RMSNorm(6, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    out = norm(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref_rms_norm(x, norm.weight, 1e-5), rtol=1e-14, atol=1e-14)
+    weight = norm.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(norm, {"weight": w}, (x,)), (x, weight))
+
+
+def test_float64_model_passes_gradcheck():
+    model = build(dim=16, intermediate_size=32).double()
+    names = ("layers.0.attention_norm.weight", "layers.1.ffn_norm.weight", "norm.weight")  # few entries: fast
+    params = {name: model.get_parameter(name).detach().clone().requires_grad_(True) for name in names}
+    toks = tokens(seq=6)
+    hidden = lambda *ps: torch.func.functional_call(model, dict(zip(names, ps)), (toks,))  # noqa: E731
+    assert hidden(*params.values()).dtype == torch.float64
+    assert torch.autograd.gradcheck(hidden, tuple(params.values()))
+
+
 def test_gqa_equals_mha_with_repeated_kv_heads():
     torch.manual_seed(0)
     dim, n_heads, n_kv, head_dim = 64, 8, 2, 8

@@ -234,6 +234,29 @@ def test_resume_across_a_switch_matches_the_uninterrupted_run():
         assert torch.equal(p, q)
 
 
+def test_a_second_lisa_on_the_model_replaces_the_first():
+    model = make_model()
+    model.layers[0].norm.weight.requires_grad_(False)  # frozen by the user: stays frozen through both
+    first = LISA(model, n_layers=2, interval=3, seed=2, lr=1e-2)
+    train(model, first, range(4))  # the first LISA has frozen all but two blocks
+    fresh = make_model(seed=1)
+    fresh.load_state_dict(model.state_dict())
+    fresh.layers[0].norm.weight.requires_grad_(False)
+    frozen_by_user = model.layers[0].norm.weight.detach().clone()
+
+    second = LISA(model, n_layers=3, interval=2, seed=7, lr=1e-2)
+    reference = LISA(fresh, n_layers=3, interval=2, seed=7, lr=1e-2)
+    assert second.active_layers == reference.active_layers
+    train(model, second, range(4, 11))
+    train(fresh, reference, range(4, 11))
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+        assert p.requires_grad == q.requires_grad, name
+    assert torch.equal(model.layers[0].norm.weight, frozen_by_user)
+    with pytest.raises(UserError, match="replaced by a LISA built later"):
+        first.step()
+
+
 def test_lr_scheduler_drives_the_base_optimizer():
     model = make_model()
     opt = LISA(model, n_layers=1, interval=2, lr=1e-2)

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import sysconfig
@@ -443,3 +444,98 @@ def test_prepare_data_errors(tmp_path, text_corpus, trained_tokenizer):
     with pytest.raises(UserError, match="INPUT_GLOB"):
         prepare_data(str(tmp_path / "none*.txt"), str(trained_tokenizer), str(tmp_path / "out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "no_eos.json"]  # nothing half-written
+
+
+# ---- bad data through the CLI ---------------------------------------------------------------------------------
+
+
+def bad_data(root: Path) -> dict[str, tuple[str, str]]:
+    """Broken corpora: name -> (data.path, what the one-line error must say)."""
+    root.mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "blank.txt").write_text(" \n\t\n")
+    (root / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    lines = [json.dumps({"text": f"record {i}"}).encode() for i in range(1000)]  # past text IO's 8 KiB buffer
+    (root / "latin1.jsonl").write_bytes(b"\n".join([*lines, b'{"text": "na\xefve"}']) + b"\n")
+    (root / "binary.bin").write_bytes(bytes(range(128, 256)))
+    (root / "no_text").mkdir()
+    (root / "no_text" / "weights.bin").write_bytes(b"\0\1")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    (root / "nested" / "deeper" / "notes.txt").write_text("some notes")
+    jsonl_offset = sum(len(line) + 1 for line in lines) + len(b'{"text": "na')
+    return {
+        "missing file": (f"{root}/missing.txt", f"data.path='{root}/missing.txt': no such file"),
+        "missing folder": (f"{root}/absent/*.txt", f"data.path='{root}/absent/*.txt': no such file"),
+        "empty file": (f"{root}/empty.txt", f"{root}/empty.txt is empty"),
+        "whitespace only": (f"{root}/blank.txt", f"{root}/blank.txt holds only whitespace"),
+        "latin-1 text": (f"{root}/latin1.txt", f"{root}/latin1.txt is not UTF-8 text: byte 0xe9 at offset 3 (line 1)"),
+        "latin-1 jsonl": (f"{root}/latin1.jsonl",
+                          f"{root}/latin1.jsonl is not UTF-8 text: byte 0xef at offset {jsonl_offset} (line 1001)"),
+        "binary file": (f"{root}/*.bin", f"{root}/binary.bin is not UTF-8 text: byte 0x80 at offset 0"),
+        "folder without text": (f"{root}/no_text", f"data.path='{root}/no_text' is a directory with no .txt or .jsonl"),
+        "folder with text": (f"{root}/nested", f"is a directory; give a glob of its files, e.g. {root}/nested/**/*.txt"),
+    }
+
+
+def run_cli(args: list[str], capsys) -> str:
+    """``leantrain ARGS`` in this process: it must exit 2 with one line on stderr; returns that line."""
+    from leantrain.trainer.cli import main
+
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("leantrain: error: "), out.err
+    return lines[0]
+
+
+def test_bad_text_data_exits_2_naming_the_path_and_caches_nothing(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    for name, (path, expected) in bad_data(tmp_path / "corpus").items():
+        error = run_cli(["train", "quickstart", "data.source=text", f"data.path={path}", "data.vocab_size=300",
+                         f"data.cache_dir={cache}", f"trainer.run_dir={tmp_path / 'run'}"], capsys)
+        assert expected in error, name
+    assert not (cache / "data").exists() or not [p for p in (cache / "data").iterdir() if not p.name.endswith(".lock")]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_of_prepare_data_and_shards_exits_2_naming_the_path(tmp_path, capsys, trained_tokenizer):
+    cases = bad_data(tmp_path / "corpus")
+    for name in ("missing file", "empty file", "latin-1 jsonl", "folder without text"):
+        path, expected = cases[name]
+        error = run_cli(["prepare-data", path, "--tokenizer", str(trained_tokenizer), "--out", str(tmp_path / "out")],
+                        capsys)
+        assert expected.replace("data.path", "INPUT_GLOB") in error, name
+        assert not (tmp_path / "out").exists()
+    error = run_cli(["train", "quickstart", "data.source=shards", f"data.path={tmp_path / 'absent'}"], capsys)
+    assert f"data.path='{tmp_path / 'absent'}': no such directory" in error
+    error = run_cli(["train", "quickstart", "data.source=shards", f"data.path={tmp_path / 'corpus' / 'no_text'}"],
+                    capsys)
+    assert f"data.path='{tmp_path / 'corpus' / 'no_text'}' has no meta.json" in error
+
+
+def test_a_corpus_shorter_than_one_sequence_names_path_tokens_and_seq_len(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("a short corpus")
+    (corpus / "b.txt").write_text("and another short one")
+    args = ["train", "quickstart", "data.source=text", f"data.path={corpus}/*.txt", "data.vocab_size=300",
+            "data.val_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}", f"trainer.run_dir={tmp_path / 'run'}"]
+    first = run_cli(args, capsys)
+    assert f"data.path='{corpus}/*.txt'" in first
+    assert re.search(r"holds \d+ training tokens, fewer than one window of data.seq_len \+ 1 = 257", first), first
+    # The tokenized corpus is cached (it is valid data, reused at a smaller data.seq_len); the cache does not
+    # hide the error from the next run.
+    assert run_cli(args, capsys) == first
+
+
+def test_unreadable_file_is_a_user_error(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("text")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(UserError, match=f"data.path: cannot read {path}: Permission denied"):
+        list(data_module.read_documents(path, "text", "data.path"))
