@@ -54,6 +54,18 @@ def test_estimate_within_10_percent_of_the_measured_peak(preset, optimizer, one_
     assert abs(ratio - 1) <= 0.10
 
 
+@pytest.mark.cuda
+def test_estimate_within_10_percent_of_max_memory_allocated_for_350m_galore():
+    cfg = config("model.preset=350m", "trainer.micro_batch_size=4", "trainer.global_batch_size=4", "data.seq_len=512",
+                 "optim.name=galore", "trainer.device=cuda")
+    est = estimate(cfg)
+    measured = measure(cfg)
+    assert measured["device"] == "cuda" and measured["method"] == "torch.cuda.max_memory_allocated"
+    ratio = est.device_peak / measured["peak"]
+    print(f"350m galore on CUDA: estimate {est.device_peak} B, measured {measured['peak']} B, ratio {ratio:.4f}")
+    assert abs(ratio - 1) <= 0.10
+
+
 def test_json_schema_is_stable(capsys):
     assert main(["estimate", "quickstart", *SMALL["tiny"], "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
