@@ -72,7 +72,7 @@ STEPS = (
     Step("cce", ("benchmarks/cce_gpu.py", "--shapes", "llama3", "--repeats", "5", "--warmup", "2"), 70,
          "cut cross-entropy against naive and torch.nn.functional.linear_cross_entropy, N=8192 D=2048 V=128256"),
     Step("galore_step", ("benchmarks/optimizers.py", "--part", "state", "--device", "cuda", "--rounds", "2",
-                         "--json", "{out}/optimizers.json"), 60,
+                         "--json", "{out}/optimizers.json"), 75,
          "GaLore optimizer step against galore-torch on 130m block weights, on the GPU",
          needs_modules=("galore_torch", "apollo_torch")),
     Step("fit_7b", ("benchmarks/gpu_check.py", "--capped-measure", str(CAP_GIB), "galore_7b"), 120,
@@ -254,10 +254,17 @@ FIGURES: dict[str, Callable[[dict, Path], dict]] = {
 
 
 def summary(result: dict) -> str:
-    """One line of the table for ``result``."""
-    if result["status"] != "ok":
-        return result["reason"]
+    """One cell of the table for ``result``: why it did not run or failed, then its figures."""
+    figures = figures_summary(result)
+    if result["status"] == "ok":
+        return figures
+    return result["reason"] + (f"; {figures}" if figures and figures != "see below" else "")
+
+
+def figures_summary(result: dict) -> str:
     f = result.get("figures") or {}
+    if not f:
+        return "see below" if result["status"] == "ok" else ""
     if "error" in f:
         return f["error"]
     name = result["name"]

@@ -129,8 +129,8 @@ def test_tests_figures_read_the_junit_report(tmp_path):
         {"tests": 5, "passed": 2, "failures": 1, "errors": 0, "skipped": 2}
     assert figures["problems"] == [{"test": "tests.nn.test_cut_ce::test_b", "kind": "failure",
                                     "message": "assert 0.2 < 1e-05"}]
-    result = {"name": "tests", "status": "ok", "figures": figures}
-    assert gpu_check.summary(result) == ("2 passed, 1 failed, 0 errors, 2 skipped; "
+    result = {"name": "tests", "status": "failed", "reason": "exit code 1", "figures": figures}
+    assert gpu_check.summary(result) == ("exit code 1; 2 passed, 1 failed, 0 errors, 2 skipped; "
                                          "failure: tests.nn.test_cut_ce::test_b")
 
 
@@ -243,3 +243,24 @@ def test_skipping_a_wheel_drops_what_only_it_needs():
     command = gpu_wheels.download_command("zfec==1.6.0.0", Path("/tmp/w"))
     assert command[-1] == "zfec==1.6.0.0" and "--only-binary=:all:" in command and "--no-deps" in command
     assert command[command.index("--python-version") + 1] == "3.12" and "manylinux_2_28_x86_64" in command
+
+
+def test_main_writes_json_and_markdown_after_every_step(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the glue only: each step is a small script
+    monkeypatch.setattr(gpu_check, "machine_info", lambda: {"device": "NVIDIA H200", "memory_gib": 139.8,
+                                                            "torch": "2.11.0", "cuda": "13.0"})
+    monkeypatch.setattr(gpu_check.tempfile, "tempdir", str(tmp_path))  # the scratch directory
+    monkeypatch.setattr(gpu_check, "STEPS", (step("tests", "print('1 passed')"), step("cce", "import sys; sys.exit(3)")))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.main(["--wheels", str(tmp_path / "none")]) == 1  # a step failed
+    out = tmp_path / "gpu-check"
+    saved = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in saved["steps"]] == ["tests", "cce"] and saved["budget_s"] == gpu_check.BUDGET_S
+    assert [s["status"] for s in saved["steps"]] == ["ok", "failed"] and saved["machine"]["device"] == "NVIDIA H200"
+    assert "no wheels" in saved["wheels"]["note"]
+    md = (out / "results.md").read_text()
+    assert "| tests | ok |" in md and "| cce | failed |" in md and "exit code 3" in md
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["cce.log", "tests.log"]
