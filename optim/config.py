@@ -64,6 +64,8 @@ class OptimConfig:
     """Adam betas."""
     eps: float = 1e-8
     """Adam epsilon."""
+    state_bits: int = 32
+    """Bits per Adam moment element: 32 | 8 (blockwise dynamic 8-bit; tensors < 4096 elements stay fp32)."""
     schedule: str = "cosine"
     """LR schedule: cosine (warmup then cosine) | wsd (warmup-stable-decay) | constant (after warmup)."""
     warmup_steps: int = 0

@@ -10,7 +10,10 @@ With its defaults this reproduces ``galore_torch.GaLoreAdamW`` (galore-torch 1.0
 sqrt(v) with the bias correction folded into the step size, eps 1e-6, exact fp32 SVD, moments kept
 across refreshes, weight decay applied after the update. Beyond it, as options: a randomized SVD,
 a subspace-switch policy, refreshes staggered across matrices, a guard that keeps the old basis
-when a refresh cannot be trusted, and torch-order weight decay. All state is tensors, so
+when a refresh cannot be trusted, torch-order weight decay, and 8-bit moments (``state_bits=8``,
+``GaLoreAdamW8bit``: the low-rank and dense moments blockwise quantised as in ``moments.py``).
+bf16 weights are updated in float32 and rounded stochastically (``rounding.py``); their bases are
+kept in bf16, as galore-torch keeps its projector in the weight's dtype. All state is tensors, so
 ``state_dict()`` loads with ``torch.load(weights_only=True)``.
 """
 
@@ -24,8 +27,11 @@ import torch
 from torch.optim import Optimizer
 
 from ..errors import UserError
-from . import projector
+from . import moments, projector
+from .adamw import adam_update_
+from .moments import CodeTables, check_state_bits
 from .projector import PROJ_TYPES, SVD_METHODS
+from .rounding import float32_update, needs_rounding, rounding_generator
 
 SWITCH_POLICIES = ("keep", "reset", "rotate")
 # galore-torch's projector defaults, for projected groups that name only ``rank``.
@@ -87,15 +93,18 @@ class GaLoreAdamW(Optimizer):
     keep | reset, which zeroes them and restarts bias correction | rotate, which maps them into the
     new basis), ``stagger`` (see ``stagger_offsets``), ``guard`` (keep the old basis when the
     gradient is not finite or the SVD fails), ``decay_before_update`` (torch's decoupled-decay
-    order) and ``foreach`` (None: batched kernels on CUDA only, as torch.optim decides; without them
-    each matrix is stepped to the end before the next is projected).
+    order), ``foreach`` (None: batched kernels on CUDA only, as torch.optim decides; without them
+    each matrix is stepped to the end before the next is projected; 8-bit moments always step one
+    matrix at a time), ``state_bits`` (32 | 8, per group too) and ``seed`` (of the stochastic
+    rounding of bf16 weights).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, *, svd: str = "exact", oversample: int = 8, power_iters: int = 1,
                  sketch_dtype: str = "auto", switch: str = "keep", stagger: bool | int = False, guard: bool = True,
-                 decay_before_update: bool = False, foreach: bool | None = None):
+                 decay_before_update: bool = False, foreach: bool | None = None, state_bits: int = 32,
+                 seed: int = 0):
         if lr < 0.0:
             raise UserError(f"Invalid learning rate: {lr} (must be >= 0)")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -107,9 +116,13 @@ class GaLoreAdamW(Optimizer):
         self.stagger = check_stagger(stagger)
         self.refresh_failures = 0
         self._plan: dict[torch.Tensor, tuple[int, int]] | None = None
+        self._ordinals: dict[torch.Tensor, int] | None = None
+        self._tables = CodeTables()
+        self.rounding_offset = 0  # see rounding.py: set by wrappers that give each parameter its own optimizer
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, correct_bias=correct_bias,
                         svd=svd, oversample=oversample, power_iters=power_iters, sketch_dtype=sketch_dtype,
-                        switch=switch, guard=guard, decay_before_update=decay_before_update, foreach=foreach)
+                        switch=switch, guard=guard, decay_before_update=decay_before_update, foreach=foreach,
+                        state_bits=state_bits, seed=seed)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -119,6 +132,7 @@ class GaLoreAdamW(Optimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
         self._plan = None
+        self._ordinals = None
 
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         where = f"param group {index}"
@@ -134,6 +148,7 @@ class GaLoreAdamW(Optimizer):
             raise UserError(f"{where}: sketch_dtype={group['sketch_dtype']!r}; choose auto, float32 or bfloat16")
         if group["foreach"] not in (None, True, False):
             raise UserError(f"{where}: foreach must be true, false or None (automatic), got {group['foreach']!r}")
+        check_state_bits(group["state_bits"], f"{where}: state_bits")
         if "rank" not in group:
             return
         for key in ("rank", "update_proj_gap"):
@@ -158,6 +173,12 @@ class GaLoreAdamW(Optimizer):
                           for i, ((p, g), offset) in enumerate(zip(projected, offsets))}
         return self._plan
 
+    def _ordinal(self, p: torch.Tensor) -> int:
+        """``p``'s position among all the parameters: its stream of rounding bits."""
+        if self._ordinals is None:
+            self._ordinals = {q: i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return self.rounding_offset + self._ordinals[p]
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # Counters stay on the CPU as float32 scalars, as torch.optim keeps "step".
         state["step"] = torch.tensor(0.0)
@@ -166,11 +187,9 @@ class GaLoreAdamW(Optimizer):
         if "rank" in group:
             side = projector.projection_side(group["proj_type"], p.shape)
             shape = self._low_rank_shape(p, side, projector.effective_rank(group["rank"], p.shape))
-            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=local.device)
         else:
-            state["exp_avg"] = torch.zeros_like(local, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(local, memory_format=torch.preserve_format)
+            shape = local.shape
+        moments.init_moments(state, shape, local.device, moments.moment_dtype(p), group["state_bits"])
 
     # Where a subclass steps parameters it holds only part of (parallel/sharded_lowrank.py), it
     # overrides these: the tensor this process updates, its low-rank shape, how a basis is found,
@@ -196,7 +215,7 @@ class GaLoreAdamW(Optimizer):
             # finished before the next is projected, so its low-rank temporaries come back from the
             # allocator's cache instead of the group's all being fresh pages every step (on 130m
             # blocks on the CPU, page faults on those cost about 8% of the step).
-            batched = _uses_foreach(group, group["params"])
+            batched = _uses_foreach(group, group["params"]) and group["state_bits"] == 32
             params, lows, states = [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -277,15 +296,21 @@ class GaLoreAdamW(Optimizer):
         policy = group["switch"]
         r_left = r_right = None
         if policy == "reset":
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
+            moments.zero(state)
             state["moment_step"].zero_()
         elif policy == "rotate":
             r_left, r_right = self._change_of_basis(p, side, (old_left, old_right), state)
-            state["exp_avg"].copy_(projector.apply_change(state["exp_avg"], r_left, r_right))
             # Second moments as the variances of independent coordinates seen through the rotation.
             squares = [None if r is None else r.square() for r in (r_left, r_right)]
-            state["exp_avg_sq"].copy_(projector.apply_change(state["exp_avg_sq"], *squares))
+            if moments.is_quantized(state):
+                changes = {"exp_avg": (r_left, r_right), "exp_avg_sq": squares}
+                moments.transform(state, self._tables,
+                                  lambda name, x: projector.apply_change(x, *[None if r is None else r.to(x.dtype)
+                                                                              for r in changes[name]]),
+                                  group["state_bits"])
+            else:
+                state["exp_avg"].copy_(projector.apply_change(state["exp_avg"], r_left, r_right))
+                state["exp_avg_sq"].copy_(projector.apply_change(state["exp_avg_sq"], *squares))
         self._on_subspace_change(state, policy, r_left, r_right)
 
     def _new_basis(self, p: torch.Tensor, k: int, side: str, group: dict[str, Any], ordinal: int, step: int,
@@ -336,50 +361,68 @@ class GaLoreAdamW(Optimizer):
         for state in states:
             state["step"] += 1
             state["moment_step"] += 1
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         projected = "rank" in group
+        # Moments are float32 for bf16 weights: their (bf16) gradients join them in float32.
+        lows = [low.to(moments.moment_dtype(p)) for p, low in zip(params, lows)]
+        # Dense tensors with 8-bit moments or bf16 weights step range by range (``adam_update_``).
+        ranged = [not projected and (moments.is_quantized(s) or needs_rounding(self._local(p)))
+                  for p, s in zip(params, states)]
         # galore-torch's Adam (eps added to sqrt(v), bias correction folded into the step size), with
         # the first moment as a lerp (one pass instead of two). torch's foreach kernels batch these
         # on CUDA; on the CPU they fall back to a loop about twice as slow as this one.
-        foreach = _uses_foreach(group, params)
+        foreach = _uses_foreach(group, params) and not any(ranged) and not any(map(moments.is_quantized, states))
+        updates: list[torch.Tensor | None] = [None] * len(params)
         if foreach:
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             torch._foreach_lerp_(exp_avgs, lows, 1.0 - beta1)
             torch._foreach_mul_(exp_avg_sqs, beta2)
             torch._foreach_addcmul_(exp_avg_sqs, lows, lows, value=1.0 - beta2)
-        else:
-            for exp_avg, exp_avg_sq, low in zip(exp_avgs, exp_avg_sqs, lows):
-                exp_avg.lerp_(low, 1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-        if projected:  # the low-rank m / (sqrt(v) + eps), to map back
-            if foreach:
+            if projected:  # the low-rank m / (sqrt(v) + eps), to map back
                 denoms = torch._foreach_sqrt(exp_avg_sqs)
                 torch._foreach_add_(denoms, group["eps"])
-                updates = torch._foreach_div(exp_avgs, denoms)
+                updates = list(torch._foreach_div(exp_avgs, denoms))
                 del denoms
-            else:
-                updates = []
-                for exp_avg, exp_avg_sq in zip(exp_avgs, exp_avg_sqs):
+        else:
+            for i, (low, state) in enumerate(zip(lows, states)):
+                if ranged[i]:
+                    continue
+                # The state's float32 moments, or 8-bit ones dequantised (and requantised after).
+                exp_avg, exp_avg_sq = moments.read(state, self._tables)
+                exp_avg.lerp_(low, 1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+                if projected:
                     denom = exp_avg_sq.sqrt().add_(group["eps"])
-                    updates.append(torch.div(exp_avg, denom, out=denom))  # into the same buffer
+                    updates[i] = torch.div(exp_avg, denom, out=denom)  # into the same buffer
+                moments.write(state, self._tables, exp_avg, exp_avg_sq)
         for i, (p, state) in enumerate(zip(params, states)):
             target = self._local(p)
             step_size = lr
             if group["correct_bias"]:
                 t = state["moment_step"].item()
                 step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            if wd > 0.0 and group["decay_before_update"]:
-                target.mul_(1.0 - lr * wd)
-            if projected:
-                side = projector.projection_side(group["proj_type"], p.shape)
-                self._add_projected_back(p, target, updates[i], side, state, alpha=-step_size * group["scale"])
-            else:
-                _add_adam_update_(target, exp_avgs[i], exp_avg_sqs[i], group["eps"], -step_size)
-            if wd > 0.0 and not group["decay_before_update"]:
-                target.add_(target, alpha=-lr * wd)
+            step = int(state["step"])
+            if ranged[i]:
+                generator = (rounding_generator(target.device, group["seed"], self._ordinal(p), step)
+                             if needs_rounding(target) else None)
+                adam_update_(target, lows[i], state, self._tables, beta1=beta1, beta2=beta2, eps=group["eps"],
+                             step_size=step_size, bias_correction2_sqrt=None, decay=lr * wd,
+                             decay_before=group["decay_before_update"], generator=generator)
+                continue
+            with float32_update(target, group["seed"], self._ordinal(p), step) as work:
+                if wd > 0.0 and group["decay_before_update"]:
+                    work.mul_(1.0 - lr * wd)
+                if projected:
+                    side = projector.projection_side(group["proj_type"], p.shape)
+                    self._add_projected_back(p, work, updates[i], side, state, alpha=-step_size * group["scale"])
+                else:
+                    _add_adam_update_(work, state["exp_avg"], state["exp_avg_sq"], group["eps"], -step_size)
+                if wd > 0.0 and not group["decay_before_update"]:
+                    work.add_(work, alpha=-lr * wd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        moments.restore_saved_dtypes(self, state_dict)
         # torch.optim casts every floating-point state tensor but "step" to its parameter's dtype and
         # device; the bias-correction counter must stay an exact CPU scalar, so restore it as saved.
         saved = state_dict["state"]
@@ -389,3 +432,17 @@ class GaLoreAdamW(Optimizer):
             if pid in saved and "moment_step" in saved[pid]:
                 self.state[p]["moment_step"] = saved[pid]["moment_step"].detach().to("cpu", torch.float32, copy=True)
         self._plan = None
+        self._ordinals = None
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """``GaLoreAdamW`` with ``state_bits=8``: low-rank and dense moments blockwise 8-bit (galore-torch's 8-bit variant).
+
+    galore-torch builds its ``GaLoreAdamW8bit`` on bitsandbytes' 8-bit Adam; this one quantises
+    with the same map and block size in plain torch (``quantize.py``), on the CPU or CUDA.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
+                 correct_bias: bool = True, *, state_bits: int = 8, **options: Any):
+        super().__init__(params, lr, betas, eps, weight_decay, correct_bias, state_bits=state_bits, **options)

@@ -16,15 +16,19 @@ two full-size moments: for a d x d matrix s < 2 d / rank - 3, so s = 4 at rank d
 rank d/8, and 0 -- plain GaLore -- where the rank is too large for any history to fit. A larger s
 estimates the Fisher from more steps (the paper's gains are at s = 20) and costs two passes over
 s x d floats per step; pass ``history`` to choose it yourself.
+
+With ``state_bits=8`` only Adam's two moments are quantised; the history stays in the weight's
+dtype (it is the Fisher's data, summed in a Gram matrix, not a running average).
 """
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..errors import UserError
-from . import projector
+from . import moments, projector
 from .galore import GaLoreAdamW
 
 MAX_HISTORY = 20  # the authors' s
@@ -103,8 +107,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         k = projector.effective_rank(group["rank"], p.shape)
         size = group["history"] or auto_history(p.shape, side, k)
         if size > 0:
-            state["history"] = torch.zeros(size, state["exp_avg"].numel(), dtype=p.dtype,
-                                           device=state["exp_avg"].device)
+            shape = moments.moment_shape(state)
+            state["history"] = torch.zeros(size, math.prod(shape), dtype=p.dtype, device=self._local(p).device)
 
     def _fisher_gram(self, p: torch.Tensor, group: dict[str, Any], history: torch.Tensor) -> torch.Tensor:
         """H H^T of ``p``'s history (a subclass holding part of each row sums it over the parts)."""
@@ -138,7 +142,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
             return
         history = state["history"]
         if policy == "rotate":
-            rows = history.view(history.shape[0], *state["exp_avg"].shape)
+            rows = history.view(history.shape[0], *moments.moment_shape(state))
             history.copy_(projector.apply_change(rows, r_left, r_right).reshape(history.shape))
         else:
             history.zero_()
+

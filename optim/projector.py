@@ -137,7 +137,14 @@ def project(grad: torch.Tensor, side: str, left: torch.Tensor | None, right: tor
 
 def add_projected_back_(param: torch.Tensor, low: torch.Tensor, side: str, left: torch.Tensor | None,
                         right: torch.Tensor | None, alpha: float) -> None:
-    """param += alpha * (low mapped back to the full space), in one fused matmul-add."""
+    """param += alpha * (low mapped back to the full space), in one fused matmul-add.
+
+    Factors in another dtype (a bf16 basis mapping a float32 update onto a float32 working copy of a
+    bf16 weight) are cast to the parameter's; when the dtypes agree nothing is copied.
+    """
+    low = low.to(param.dtype)
+    left = None if left is None else left.to(param.dtype)
+    right = None if right is None else right.to(param.dtype)
     if side == "left":
         param.addmm_(left, low, alpha=alpha)
     elif side == "right":

@@ -1,4 +1,4 @@
-"""Helpers shared by tests: free ports and running leantrain as a user would."""
+"""Helpers shared by tests: free ports, running leantrain as a user would, and shared float64 references."""
 
 import os
 import signal
@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def free_port() -> int:
@@ -85,3 +87,15 @@ def run_leantrain(args: list[str], cwd: Path | None = None, timeout: float = 300
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def reference_quantize(x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit codes and maxima in float64: per block of 256 the max |x|, the nearest entry (ties: lower)."""
+    flat = x.reshape(-1).double()
+    blocks = [flat[i:i + 256] for i in range(0, flat.numel(), 256)]
+    absmax = torch.stack([b.abs().max() for b in blocks])
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).repeat_interleave(256)[: flat.numel()]
+    # The implementation divides in float32 (correctly rounded); so does this, through float64.
+    normalized = (flat / scale).float().double()
+    codes = (normalized[:, None] - table.double()[None, :]).abs().argmin(dim=1)  # argmin: the first of ties
+    return codes.to(torch.uint8).view(x.shape), absmax.float()

@@ -6,18 +6,7 @@ import pytest
 import torch
 
 from leantrain.optim.quantize import BLOCK_SIZE, CodeTable, dequantize, dynamic_map, num_blocks, quantize_
-
-
-def reference_quantize(x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax) in float64: per block of 256 the max |x|, then the nearest entry (ties: lower)."""
-    flat = x.reshape(-1).double()
-    blocks = [flat[i:i + BLOCK_SIZE] for i in range(0, flat.numel(), BLOCK_SIZE)]
-    absmax = torch.stack([b.abs().max() for b in blocks])
-    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).repeat_interleave(BLOCK_SIZE)[: flat.numel()]
-    # The implementation divides in float32 (correctly rounded); so does this, through float64.
-    normalized = (flat / scale).float().double()
-    codes = (normalized[:, None] - table.double()[None, :]).abs().argmin(dim=1)  # argmin: the first of ties
-    return codes.to(torch.uint8).view(x.shape), absmax.float()
+from support import reference_quantize
 
 
 def moments_like(numel: int, signed: bool, seed: int = 0) -> torch.Tensor:
@@ -51,13 +40,13 @@ def test_round_trip_matches_the_float64_reference(signed, numel):
     assert torch.equal(absmax, ref_absmax)
     assert torch.equal(codes, ref_codes)
     back = dequantize(codes, absmax, table).view(x.shape)
-    ref_back = table.values.double()[ref_codes.long()] * ref_absmax.double().repeat_interleave(BLOCK_SIZE)[:numel].view(x.shape)
+    block_max = ref_absmax.double().repeat_interleave(BLOCK_SIZE)[:numel].view(x.shape)
+    ref_back = table.values.double()[ref_codes.long()] * block_max
     torch.testing.assert_close(back.double(), ref_back, rtol=1e-7, atol=0)
     # Error bound: half the widest gap of the map (or the distance from -1 to the lowest entry), times
     # the block's max: 0.7% signed, 0.35% unsigned.
     values = table.values.double()
     half_gap = max(values.diff().max().item() / 2, 1.0 + values.min().item() if signed else 0.0)
-    block_max = ref_absmax.double().repeat_interleave(BLOCK_SIZE)[:numel].view(x.shape)
     bound = (half_gap + 2**-23) * block_max  # plus the float32 rounding of entry * absmax
     assert bool(((back.double() - x.double()).abs() <= bound).all())
     assert bool((back[x == 0] == 0).all())
