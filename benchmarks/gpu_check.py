@@ -64,7 +64,8 @@ class Step:
 STEPS = (
     Step("tests", ("-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider",
                    "--continue-on-collection-errors", "--junitxml", "{out}/pytest.xml", "tests"), 150,
-         "the CUDA tests (pytest -m cuda): Triton CCE, checkpoint copy stream, offload, 8-bit states, estimate"),
+         "the CUDA tests (pytest -m cuda): Triton CCE, checkpoint copy stream, offload, 8-bit states and bf16 "
+         "rounding, estimate"),
     Step("throughput", ("benchmarks/throughput.py", "--preset", "350m", "--batch", "8", "--seq-len", "1024",
                         "--steps", "5", "--repeats", "3", "--warmup", "2", "--dtype", "bf16", "--device", "cuda"), 70,
          "training tokens/s and MFU, leantrain against HF LlamaForCausalLM, 350m, bf16 autocast",

@@ -162,8 +162,9 @@ def find_wheel(dest: Path, name: str) -> Path:
 
 
 def tracked_bytes() -> int:
-    """Bytes of the files git tracks: the working tree the device call carries besides the wheels."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    """Bytes of the working tree a device call carries besides the wheels: tracked and untracked, not ignored."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.split(b"\0")
     return sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
 
 
