@@ -264,3 +264,29 @@ def test_main_writes_json_and_markdown_after_every_step(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert "| tests | ok |" in md and "| cce | failed |" in md and "exit code 3" in md
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["cce.log", "tests.log"]
+
+
+def test_capped_measure_caps_the_memory_and_reports_estimate_and_peak(monkeypatch, capsys):
+    import torch
+
+    from leantrain.trainer import estimate as plan
+
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 96 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f: calls.setdefault("fraction", f))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 0)
+    steps = []
+    run_steps = plan.run_steps
+    monkeypatch.setattr(plan, "run_steps", lambda *a, **k: steps.append(plan.SIMULATED_STEPS) or run_steps(*a, **k))
+    monkeypatch.setattr(plan, "SIMULATED_STEPS", plan.SIMULATED_STEPS)  # restored after the test
+    # The glue on the CPU: a tiny quickstart stands in for the 7B config.
+    gpu_check.capped_measure(24, "quickstart", ["trainer.device=cpu", "trainer.micro_batch_size=2",
+                                                "trainer.global_batch_size=2", "data.seq_len=16"])
+    assert calls["fraction"] == 0.25 and steps[-1] == gpu_check.CAPPED_STEPS == 3
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
+    result = {"stdout": line + "\n", "status": "ok", "name": "fit_7b", "reason": ""}
+    figures = gpu_check.capped_figures(result, Path("."))
+    assert figures["steps"] == 3 and figures["cap_gib"] == 24 and figures["measured_gib"] > 0
+    assert figures["estimated_gib"] > 0 and figures["optimizer"] == "adamw"
+    result["figures"] = figures
+    assert gpu_check.summary(result).startswith("3 steps, peak ")
