@@ -119,6 +119,17 @@ def download_command(spec: str, dest: Path) -> list[str]:
             "--abi", "none", *platforms, "--dest", str(dest), spec]
 
 
+def install_check(wheels: list[Path]) -> str:
+    """Empty if pip would install every wheel on the GPU machine's Python and platform, else pip's complaint."""
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-deps", "--no-index",
+                               "--disable-pip-version-check", "--target", tmp, "--python-version", PYTHON_VERSION,
+                               "--implementation", "cp", "--abi", ABI, "--abi", "abi3", "--abi", "none", *platforms,
+                               "--only-binary=:all:", *map(str, wheels)], capture_output=True, text=True)
+    return "" if done.returncode == 0 else (done.stderr or done.stdout).strip()
+
+
 def build_from_sdist(spec: str, dest: Path) -> Path:
     """Download the sdist of ``spec`` and build a pure-Python wheel of it into ``dest``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwheels {wheels / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB = "
           f"{(wheels + tree) / 2**20:.1f} MiB of the device call's {CARRY_LIMIT / 2**20:.0f} MiB"
           + (f"; left out: {', '.join(n for n in WHEELS if n not in chosen)}" if len(chosen) < len(WHEELS) else ""))
+    if problem := install_check([w for _, w, _ in rows]):
+        print(f"pip would not install these on CPython {PYTHON_VERSION} manylinux x86_64: {problem}", file=sys.stderr)
+        return 1
+    print(f"pip would install every one on CPython {PYTHON_VERSION} manylinux x86_64 (checked with --dry-run)")
     if wheels + tree > CARRY_LIMIT:
         print("too large for one device call: leave something out with --skip", file=sys.stderr)
         return 1

@@ -290,3 +290,17 @@ def test_capped_measure_caps_the_memory_and_reports_estimate_and_peak(monkeypatc
     assert figures["estimated_gib"] > 0 and figures["optimizer"] == "adamw"
     result["figures"] = figures
     assert gpu_check.summary(result).startswith("3 steps, peak ")
+
+
+def test_install_check_refuses_a_wheel_the_gpu_machines_python_cannot_take(tmp_path):
+    def wheel(tag: str) -> Path:
+        path = tmp_path / f"demo-0.1-{tag}.whl"
+        with zipfile.ZipFile(path, "w") as whl:
+            whl.writestr("demo/__init__.py", "")
+            whl.writestr("demo-0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo\nVersion: 0.1\n")
+            whl.writestr("demo-0.1.dist-info/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: {tag}\n")
+            whl.writestr("demo-0.1.dist-info/RECORD", "")
+        return path
+
+    assert gpu_wheels.install_check([wheel("cp312-cp312-manylinux_2_17_x86_64")]) == ""
+    assert "not a supported wheel" in gpu_wheels.install_check([wheel("cp311-cp311-manylinux_2_17_x86_64")])
