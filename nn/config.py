@@ -33,6 +33,8 @@ class ModelConfig:
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Standard deviation of the normal weight initialisation."""
+    param_dtype: str = "fp32"
+    """Storage dtype of the weights: fp32 | bf16 (half the bytes, no autocast copies; norm statistics stay fp32)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass."""
     compile: bool = False

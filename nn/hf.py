@@ -38,8 +38,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
                     "output_multiplier": 1.0}
 
-# ModelConfig fields that say where a model comes from, not what it is: a LeanConfig has no use for them.
-SOURCE_FIELDS = ("hf",)
+# ModelConfig fields that say where a model comes from or how a run stores it, not what it is: a LeanConfig
+# has no use for them (an exported model's dtype is its safetensors').
+SOURCE_FIELDS = ("hf", "param_dtype")
 
 _TINY = PRESETS["tiny"]
 

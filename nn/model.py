@@ -20,7 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import UserError
 from ..moe.balance import BalanceCollector
 from ..moe.config import MoEConfig
+from ..moe.experts import Experts
 from ..moe.layer import MoELayer, is_moe_block
+from . import init
 from .attention import Attention
 from .config import ModelConfig
 from .mlp import FeedForward
@@ -28,6 +30,7 @@ from .norm import RMSNorm
 from .rope import rope_tables
 
 NORM_PLACEMENTS = ("pre", "post", "peri")
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # LLaMA shapes of the GaLore paper (vocab 32000, untied head, max length 1024 and 2048 for 7b), plus
 # `tiny` for tests. n_kv_heads 0 means as many as n_heads; tiny's vocab and length come from the data.
@@ -77,6 +80,8 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Mod
         raise UserError(f"model.max_seq_len is 0 and preset {cfg.preset!r} has none: set it or data.seq_len")
     if resolved.max_seq_len < seq_len:
         raise UserError(f"model.max_seq_len={resolved.max_seq_len} is shorter than data.seq_len={seq_len}")
+    if resolved.param_dtype not in PARAM_DTYPES:
+        raise UserError(f"model.param_dtype={resolved.param_dtype!r} is not a dtype; valid: {', '.join(PARAM_DTYPES)}")
     if resolved.norm not in NORM_PLACEMENTS:
         raise UserError(
             f"model.norm={resolved.norm!r} is not a norm placement; valid: {', '.join(NORM_PLACEMENTS)}"
@@ -132,6 +137,9 @@ class Transformer(nn.Module):
 
     With ``moe.num_experts > 0`` every ``moe.every_n_layers``-th block's feed-forward is a mixture
     of experts, which records its balance statistics into the ``balance`` collector passed to forward.
+    The parameters are stored in ``cfg.param_dtype`` (the RoPE tables stay fp32). Built under
+    ``torch.device("meta")`` it holds no memory until ``to_empty`` and ``init_weights`` (the trainer's
+    way: the weights are allocated once, in their storage dtype, on the run's device).
     """
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None):
@@ -146,6 +154,9 @@ class Transformer(nn.Module):
         half = cfg.dim // cfg.n_heads // 2
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
+        dtype = PARAM_DTYPES[cfg.param_dtype]
+        for param in self.parameters():
+            param.data = param.data.to(dtype)
         self.init_weights()
         if cfg.compile:
             for layer in self.layers:
@@ -153,26 +164,50 @@ class Transformer(nn.Module):
                     layer.compile()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, init_std) matrices, residual output projections (wo, w2) scaled by
-        1/sqrt(2 n_layers) as in GPT-2, unit norm gains, and the RoPE tables. Call it again after
-        building on the meta device and ``to_empty``."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """Fill every parameter (or this rank's shard of it) and the RoPE tables; ``init_stds`` says how.
+
+        The draws depend on ``seed`` and each parameter's name alone (``nn/init.py``), not on the
+        world size, the device or the dtype. ``seed`` None is ``torch.initial_seed()``, the seed of
+        the last ``torch.manual_seed``. Call it after building on the meta device and ``to_empty``.
+        """
+        seed = torch.initial_seed() if seed is None else seed
         head_dim = self.cfg.dim // self.cfg.n_heads
         cos, sin = rope_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
-        for layer in self.layers:
-            nn.init.normal_(layer.attention.wo.weight, mean=0.0, std=residual_std)
-            if layer.is_moe:
-                layer.feed_forward.init_weights(self.cfg.init_std, residual_std)
+        stds = self.init_stds()
+        for name, param in self.named_parameters():
+            if stds[name] is None:
+                init.ones_(param)
             else:
-                nn.init.normal_(layer.feed_forward.w2.weight, mean=0.0, std=residual_std)
+                init.normal_(param, stds[name], seed, name)
+
+    def init_stds(self) -> dict[str, float | None]:
+        """Each parameter's initialisation: the std of its normal draw, or None for a norm gain (ones).
+
+        Normal(0, init_std) matrices; the projections back into the residual stream (attention's wo,
+        the feed-forwards' w2, the experts' down) scaled by 1/sqrt(2 n_layers) as in GPT-2; unit gains.
+        """
+        std = self.cfg.init_std
+        residual = std / math.sqrt(2 * self.cfg.n_layers)
+        stds: dict[str, float | None] = {}
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, RMSNorm):
+                stds[prefix + "weight"] = None
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                stds.setdefault(prefix + "weight", std)
+            elif isinstance(module, Experts):
+                stds[prefix + "gate_up"], stds[prefix + "down"] = std, residual
+            elif isinstance(module, Attention):
+                stds[prefix + "wo.weight"] = residual
+            elif isinstance(module, FeedForward):
+                stds[prefix + "w2.weight"] = residual
+        missing = [name for name, _ in self.named_parameters() if name not in stds]
+        if missing:
+            raise TypeError(f"init_stds has no rule for {missing}")
+        return stds
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """RMSNorm with fp32 statistics.
 
 Under bf16 autocast (or with bf16 weights) the mean of squares is still taken in float32: the
-reduction over the hidden size is where low precision hurts. The result is cast back to the input's
-dtype so the residual stream keeps whatever precision it had.
+reduction over the hidden size is where low precision hurts; a bf16 gain multiplies the fp32 result.
+The result is cast back to the input's dtype so the residual stream keeps whatever precision it had.
 """
 
 import torch
@@ -23,8 +23,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same dtype for input and weight keeps torch on its fused kernel.
-        return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
+        if self.weight.dtype == torch.float32:  # same dtype for input and weight keeps torch on its fused kernel
+            return F.rms_norm(x.float(), (self.dim,), self.weight, self.eps).type_as(x)
+        # A low-precision gain multiplies the fp32 normalised input (the product is fp32): no fp32 copy of it is made.
+        return (F.rms_norm(x.float(), (self.dim,), eps=self.eps) * self.weight).type_as(x)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

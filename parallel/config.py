@@ -15,7 +15,7 @@ class ParallelConfig:
     fsdp_cpu_offload: bool = False
     """fsdp2: keep sharded weights, gradients and optimizer state in host memory; the step runs on the CPU."""
     param_dtype: str = "fp32"
-    """fsdp2: dtype of the gathered weights in forward and backward: fp32 | bf16 (shards stay fp32)."""
+    """fsdp2: dtype of the gathered weights in forward and backward: fp32 (as stored) | bf16 (shards stay as stored)."""
     reduce_dtype: str = "fp32"
     """fsdp2: dtype of the gradient reduce-scatter: fp32 | bf16."""
     deepspeed: Any = None

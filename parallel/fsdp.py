@@ -46,9 +46,11 @@ def shard_model(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, m
     for key in ("param_dtype", "reduce_dtype"):
         if getattr(cfg, key) not in DTYPES:
             raise UserError(f"parallel.{key}={getattr(cfg, key)!r}; choose one of {', '.join(DTYPES)}")
+    # fp32 gathers what is stored: fp32 weights, or bf16 ones (model.param_dtype) without an upcast copy.
+    param_dtype = DTYPES[cfg.param_dtype] if cfg.param_dtype != "fp32" else None
     options: dict[str, Any] = dict(
         mesh=mesh, reshard_after_forward=cfg.fsdp_reshard_after_forward,
-        mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype]),
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=DTYPES[cfg.reduce_dtype]),
         offload_policy=CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if cfg.fsdp_cpu_offload
         else OffloadPolicy())
     for block in transformer_blocks(model):
@@ -57,10 +59,15 @@ def shard_model(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, m
 
 
 def build_fsdp2_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, world: World,
-                       make_optimizer: Callable[[], Optimizer], grad_clip: float) -> "FSDP2Engine":
+                       make_optimizer: Callable[[], Optimizer], grad_clip: float,
+                       materialize: Callable[[], None] | None = None) -> "FSDP2Engine":
+    """Shard ``model`` (on the meta device when ``materialize`` is given, which then allocates and
+    initialises only this rank's shards), then build the optimizer on the sharded parameters."""
     ensure_process_group(world)
     mesh = init_device_mesh(world.device.type, (world.world_size,))
     shard_model(loss_module, model, cfg, mesh)
+    if materialize is not None:
+        materialize()
     optimizer = shard_optimizer(make_optimizer())
     return FSDP2Engine(loss_module, model, optimizer, grad_clip, mesh)
 

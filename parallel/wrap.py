@@ -80,9 +80,12 @@ class DataParallelEngine:
 
 def build_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, world: World,
                  make_optimizer: Callable[[], Optimizer], *, grad_clip: float, micro_batch_size: int,
-                 accumulation_steps: int, freezes_parameters: bool = False) -> DataParallelEngine:
+                 accumulation_steps: int, freezes_parameters: bool = False,
+                 materialize: Callable[[], None] | None = None) -> DataParallelEngine:
     """Wrap ``loss_module`` (which holds ``model``) for ``parallel.backend`` and build its optimizer.
 
+    ``materialize`` gives a meta-device ``model`` its weights (None: it has them): FSDP2 calls it
+    after sharding, so that no rank ever holds the whole model; the other backends before wrapping.
     ``make_optimizer`` is called after the wrapping, so it sees the parameters the backend trains
     (FSDP2's sharded DTensors). ``micro_batch_size`` and ``accumulation_steps`` are per rank.
     ``freezes_parameters``: the optimizer switches ``requires_grad`` during training (LISA), so DDP
@@ -93,7 +96,9 @@ def build_engine(loss_module: nn.Module, model: nn.Module, cfg: ParallelConfig, 
     if cfg.backend == "fsdp2":
         from .fsdp import build_fsdp2_engine
 
-        return build_fsdp2_engine(loss_module, model, cfg, world, make_optimizer, grad_clip)
+        return build_fsdp2_engine(loss_module, model, cfg, world, make_optimizer, grad_clip, materialize)
+    if materialize is not None:
+        materialize()
     if cfg.backend == "deepspeed":
         from .deepspeed_engine import build_deepspeed_engine
 

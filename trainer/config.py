@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..moe.config import MoEConfig
 from ..nn.config import ModelConfig
 from ..nn.loss import LOSS_IMPLS, LossConfig
-from ..nn.model import PRESETS
+from ..nn.model import PARAM_DTYPES, PRESETS
 from ..optim.build import OPTIMIZERS
 from ..optim.config import OptimConfig
 from ..optim.frugal import BLOCK_ORDERS, SELECTIONS, STATE_FREE_RULES
@@ -52,7 +52,7 @@ class TrainerConfig:
     eval_batches: int = 8
     """Validation micro-batches per evaluation, per rank."""
     dtype: str = "bf16"
-    """Autocast dtype of forward and backward: bf16 | fp32 (weights and optimizer state stay fp32)."""
+    """Autocast dtype of forward and backward: bf16 | fp32 (the weights stay in model.param_dtype)."""
     device: str = "auto"
     """auto | cpu | cuda."""
 
@@ -73,6 +73,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(PRESETS),
     "model.norm": ("pre", "post", "peri"),
+    "model.param_dtype": PARAM_DTYPES,
     "data.source": SOURCES,
     "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES,

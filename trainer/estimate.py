@@ -181,7 +181,7 @@ class _StepTrace(TorchDispatchMode):
 
     def track(self, t: torch.Tensor, component: str) -> None:
         """Count ``t``'s storage in ``component`` if it is new."""
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
             return
         storage = t.untyped_storage()
         key = storage._cdata
@@ -327,24 +327,38 @@ def _simulate(cfg: Config, vocab_size: int, accum: int, target: torch.device) ->
     allocator rounds them, and the CPU's mixed-dtype copies are left out.
     """
     from ..parallel.fsdp import transformer_blocks
-    from .train import build_model
+    from .train import build_model, materialize_model
 
     # Compiled blocks run eagerly; offload is composed from the plain optimizer's state (module docstring).
     plain = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False),
                                 optim=dataclasses.replace(cfg.optim, offload="none"))
     trace = _StepTrace(target)
     cpu = torch.device("cpu")
-    with warnings.catch_warnings(), FakeTensorMode(), cpu, _hf_config_only(plain) as plain:
+    mode = FakeTensorMode()
+    with warnings.catch_warnings(), cpu, _hf_config_only(plain) as plain:
         # Full backward hooks warn that the model's input (token ids) needs no gradient: true, and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        with trace:
+        if plain.model.hf:  # faked, and traced: the adapter checks its logits, which the trace answers
+            with mode, trace:
+                model = build_model(plain, vocab_size)
+        else:  # on the meta device, for real: it holds nothing
             model = build_model(plain, vocab_size)
-            loss_module = LanguageModelLoss(model, cfg.loss)
-        _check_optimizer(cfg, model)
-        with trace:
-            params = list(model.parameters())
-            for t in [*params, *model.buffers()]:
+
+        def allocated() -> None:
+            for t in [*model.parameters(), *model.buffers()]:
                 trace.mark(t, "weights")
+            trace.switch("temporaries")  # the initialisation's own draws
+
+        with mode:
+            trace.begin("build", "weights")
+            with trace, _real_inputs_allowed(mode):  # to_empty's empty_like of the real meta tensors
+                materialize_model(plain, model, cpu, allocated)
+            with trace:
+                loss_module = LanguageModelLoss(model, cfg.loss)
+            _check_optimizer(cfg, model)
+        with mode, trace:
+            params = list(model.parameters())
+            allocated()
             trace.watch_params(params)
             _watch(trace, model)
             trace.begin("optimizer construction", "temporaries")
@@ -371,6 +385,15 @@ def _simulate(cfg: Config, vocab_size: int, accum: int, target: torch.device) ->
             root_bytes=_nbytes([p for p in params if id(p) not in in_blocks]),
             vocab_size=model.head_weight.shape[0],
         )
+
+
+@contextmanager
+def _real_inputs_allowed(mode: FakeTensorMode) -> Iterator[None]:
+    allowed, mode.allow_non_fake_inputs = mode.allow_non_fake_inputs, True
+    try:
+        yield
+    finally:
+        mode.allow_non_fake_inputs = allowed
 
 
 @contextmanager
@@ -632,7 +655,7 @@ def _compose(est: Estimate, cfg: Config, trace: _Trace, n: int) -> None:
     elif backend == "fsdp2":
         for component in ("weights", "gradients", "optimizer_state"):
             shard(component)
-        scale = (2 if cfg.parallel.param_dtype == "bf16" else 4) / 4
+        scale = 0.5 if cfg.parallel.param_dtype == "bf16" and cfg.model.param_dtype == "fp32" else 1.0
         biggest = max(trace.block_bytes, default=0)
         gathered = sum(trace.block_bytes) if not cfg.parallel.fsdp_reshard_after_forward else 2 * biggest
         dev["parallel_buffers"] = int((trace.root_bytes + gathered + biggest) * scale)
@@ -701,14 +724,15 @@ def measure(cfg: Config) -> dict[str, Any]:
     """
     from ..parallel.world import close_world
     from ..parallel.wrap import build_engine
-    from .train import build_model
+    from .train import build_model, materialize_model
 
     device = pick_device(cfg.trainer.device, 0)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False))
     world = World(rank=0, local_rank=0, world_size=1, device=device)
     accum = accumulation_steps(cfg.trainer, 1)
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg, vocab_size_of(cfg)).to(device)
+    model = build_model(cfg, vocab_size_of(cfg))
+    materialize_model(cfg, model, device)
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in [*model.parameters(),
                                                                                  *model.buffers()]}
     weights = sum(storages.values())

@@ -1,6 +1,7 @@
 """The training run: build the pieces in a fixed order, then one explicit loop.
 
-Order: world, config checks, data, model, loss, parallel wrap, optimizer, schedule, checkpointer
+Order: world, config checks, data, model (on the meta device), loss, parallel wrap (which materialises
+the weights, as each rank's shards under FSDP2), optimizer, schedule, checkpointer
 (restore), metrics, loop. One optimizer step is: accumulate micro-batches (loss normalised by the
 global count of target tokens), clip, let the checkpointer wait, step, schedule, log, checkpoint.
 """
@@ -21,7 +22,7 @@ from ..moe.balance import BalanceCollector, domain_routing_metrics
 from ..moe.config import MoEConfig, check_moe_config
 from ..nn.hf import HFCausalLMAdapter, load_hf_model
 from ..nn.loss import IGNORE_INDEX, LanguageModelLoss
-from ..nn.model import Transformer, resolve_model_config
+from ..nn.model import PARAM_DTYPES, Transformer, resolve_model_config
 from ..optim.build import FREEZING_OPTIMIZERS, build_optimizer
 from ..optim.groups import count_state_bytes
 from ..parallel.world import World, close_world, init_world
@@ -63,17 +64,40 @@ class RNGState:
 
 
 def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
-    """leantrain's Transformer from the preset, or a local Hugging Face causal LM (``model.hf``)."""
+    """leantrain's Transformer from the preset on the meta device (``materialize_model`` allocates it),
+    or a local Hugging Face causal LM (``model.hf``), loaded on the CPU in ``model.param_dtype``."""
     check_moe_config(cfg.moe)
     if cfg.model.hf:
         if cfg.moe.num_experts:
             raise UserError("moe.num_experts applies to leantrain's own model; a model.hf MoE model brings its own experts")
-        model = HFCausalLMAdapter(load_hf_model(cfg.model.hf, torch.float32, cfg.trainer.seed))
+        model = HFCausalLMAdapter(load_hf_model(cfg.model.hf, PARAM_DTYPES[cfg.model.param_dtype], cfg.trainer.seed))
         model.check_tokenizer(vocab_size)
         if cfg.model.activation_checkpointing:
             model.hf_model.gradient_checkpointing_enable()
         return model
-    return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len), cfg.moe)
+    with torch.device("meta"):
+        return Transformer(resolve_model_config(cfg.model, vocab_size, cfg.data.seq_len), cfg.moe)
+
+
+@torch.no_grad()
+def materialize_model(cfg: Config, model: torch.nn.Module, device: torch.device,
+                      allocated: Callable[[], None] | None = None) -> None:
+    """Give a meta-device model its weights on ``device``: allocated once in their storage dtype, then
+    initialised from ``trainer.seed`` (``Transformer.init_weights``); a model.hf model is moved there.
+
+    Under FSDP2 the engine calls it after sharding, so each rank allocates and draws only its shards.
+    ``allocated`` runs between allocation and initialisation, for ``leantrain estimate``'s trace.
+    """
+    if cfg.model.hf:
+        if any(t.device != device for t in [*model.parameters(), *model.buffers()]):
+            model.to(device)
+        if allocated is not None:
+            allocated()
+        return
+    model.to_empty(device=device)
+    if allocated is not None:
+        allocated()
+    model.init_weights(cfg.trainer.seed)
 
 
 def moe_config_of(cfg: Config, model: torch.nn.Module) -> MoEConfig:
@@ -160,11 +184,12 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     random.seed(tcfg.seed)
 
     data = build_data(cfg.data, seed=tcfg.seed, rank=world.rank, world_size=world.world_size)
-    model = build_model(cfg, data.vocab_size).to(world.device)
+    model = build_model(cfg, data.vocab_size)
     loss_module = LanguageModelLoss(model, cfg.loss)
     engine = build_engine(loss_module, model, cfg.parallel, world, lambda: build_optimizer(cfg.optim, model, tcfg.seed),
                           grad_clip=tcfg.grad_clip, micro_batch_size=tcfg.micro_batch_size, accumulation_steps=accum,
-                          freezes_parameters=cfg.optim.name in FREEZING_OPTIMIZERS)
+                          freezes_parameters=cfg.optim.name in FREEZING_OPTIMIZERS,
+                          materialize=lambda: materialize_model(cfg, model, world.device))
     optimizer = engine.optimizer
     scheduler = build_scheduler(optimizer, cfg.optim, tcfg.max_steps)
     loader = data.train_loader(tcfg.micro_batch_size)

@@ -129,6 +129,23 @@ def test_activation_checkpointing_and_dtype():
     assert plain.device["weight_casts"] > 0 and fp32.largest["weight_casts"] == 0
 
 
+def test_bf16_weights_are_half_the_bytes_and_autocast_copies_none():
+    fp32 = planned(*SMALL["tiny"])
+    bf16 = planned(*SMALL["tiny"], "model.param_dtype=bf16")
+    rope = 2 * 64 * 32 * 4  # the fp32 RoPE tables [seq, head_dim / 2] stay fp32
+    assert bf16.device["weights"] - rope == (fp32.device["weights"] - rope) // 2
+    assert fp32.largest["weight_casts"] > 0 and bf16.largest["weight_casts"] == 0
+    assert bf16.largest["gradients"] <= fp32.largest["gradients"] / 2
+
+
+def test_building_the_model_makes_no_model_sized_temporary():
+    """Built on the meta device and drawn chunk by chunk into the storage, the weights are the build's only
+    model-sized allocation (the trace once counted them as temporaries until the step began)."""
+    est = planned("model.preset=60m", *SMALL["130m"], "optim.name=galore", "optim.layerwise=true",
+                  "trainer.grad_clip=0", "model.activation_checkpointing=true")
+    assert est.largest["temporaries"] < est.device["weights"] / 2  # the dense embedding's own step: 0.37
+
+
 @pytest.mark.parametrize("backend", [["parallel.backend=fsdp2"],
                                      ["parallel.backend=deepspeed", "parallel.deepspeed.zero_optimization.stage=3"]])
 def test_sharded_weights_are_one_rank_s_share(backend):
