@@ -152,10 +152,11 @@ def run_steps(steps: list[Step], budget_s: float, out_dir: Path, env: dict[str, 
                 result["status"] = "ok"
             if code != 0:
                 result["output_tail"] = tail(out + "\n--- stderr ---\n" + err)
-            try:
+            try:  # a failed step may still have figures (pytest's counts); a partial report may not parse
                 result["figures"] = FIGURES.get(step.name, lambda r, d: {})(result, out_dir)
             except Exception as error:  # noqa: BLE001 - a report we cannot read is recorded, not fatal
-                result["figures"] = {"error": f"reading the figures: {type(error).__name__}: {error}"}
+                result["figures"] = {"error": f"reading the figures: {type(error).__name__}: {error}"} \
+                    if code == 0 else {}
         results.append(result)
         on_result(result)
         print(f"[{step.name}] {result['status']}{' (' + result['reason'] + ')' if result['reason'] else ''}, "
