@@ -1,10 +1,11 @@
 # `make train`: set up .venv and train the quickstart.  `make test`: set up .venv and run every test.
+# `make gpu-check`: on a machine with a CUDA device, the CUDA tests and GPU benchmarks (README: GPU check).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test clean
+.PHONY: setup train test gpu-check clean
 
 setup: $(STAMP)
 
@@ -21,6 +22,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The machine's own python3 and torch: no .venv, nothing installed but the wheels carried in .whl/
+# (--no-deps, into a scratch directory). Without a CUDA device it says so and exits 0.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

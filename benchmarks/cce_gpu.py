@@ -7,7 +7,8 @@ median time over repeats (CUDA events, after warm-up steps that include compilat
 error of dC against the naive loss's, relative to its largest entry.
 
 Losses: the naive ``F.cross_entropy((e @ c.T).float(), t)``; ours with ``impl="triton"`` (exact, and
-with ``filter_eps="auto"``) and ``impl="torch"``; Apple's ``cut_cross_entropy.linear_cross_entropy``
+with ``filter_eps="auto"``) and ``impl="torch"``; torch's ``F.linear_cross_entropy`` with its chunked
+``LinearCrossEntropyOptions()``, where this torch has it; Apple's ``cut_cross_entropy.linear_cross_entropy``
 with ``impl="cce"`` (filtering on, its default) and ``"cce_kahan_full_c"``, when that package is
 installed (``pip install cut-cross-entropy``). The paper's A100 figures for the Gemma shape are in
 shared/REFERENCE.md: CCE 1164 MB / 135 ms, naive 28000 MB / 207 ms.
@@ -48,6 +49,12 @@ def losses() -> dict:
         "ours triton, filter auto": lambda e, c, t: linear_cross_entropy(e, c, t, impl="triton", filter_eps="auto"),
         "ours torch": lambda e, c, t: linear_cross_entropy(e, c, t, impl="torch"),
     }
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        # torch's own: chunked over the rows (options given), the logits never whole.
+        table["torch F.linear_cross_entropy, chunked"] = lambda e, c, t: F.linear_cross_entropy(
+            e, c, t, options=torch.nn.LinearCrossEntropyOptions())
+    else:
+        print(f"torch {torch.__version__} has no chunked torch.nn.functional.linear_cross_entropy: its row is left out")
     try:
         from cut_cross_entropy import linear_cross_entropy as apple_lce
     except ImportError:
@@ -106,6 +113,12 @@ def main(argv: list[str] | None = None) -> None:
                 r = measure(loss_fn, e, c, targets, args.warmup, args.repeats)
             except torch.cuda.OutOfMemoryError:
                 print(f"| {shape} | {name} | out of memory | | | |")
+                torch.cuda.empty_cache()
+                continue
+            except Exception as error:  # noqa: BLE001 - one loss failing (a kernel that does not compile) keeps the others
+                print(f"| {shape} | {name} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} | | | |",
+                      flush=True)
+                e.grad = c.grad = None
                 torch.cuda.empty_cache()
                 continue
             if name == "naive":

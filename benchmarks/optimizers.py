@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--autocast-cache", action=argparse.BooleanOptionalAction, default=False,
                         help="part 2: let autocast cache bf16 copies of the weights for the whole forward")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
+    parser.add_argument("--device", default="cpu", help="part 1: where the weights, gradients and states live (cpu, cuda)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="part 1: glibc keeps freed memory for reuse, so no optimizer's step time depends on "
                              "the page faults its neighbours' frees leave it (see allocator.py)")
@@ -152,9 +153,15 @@ def progress(message: str) -> None:
 
 
 def timed_step(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-    """(wall, CPU) seconds of one step; CPU time (all threads) is less sensitive to other processes' load."""
+    """(wall, CPU) seconds of one step; CPU time (all threads) is less sensitive to other processes' load.
+
+    On CUDA the step is synchronized at both ends, so wall time includes the kernels it queued.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     optimizer.step()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -167,6 +174,7 @@ def state_and_time(args: argparse.Namespace) -> dict:
         g = torch.randn(m, 64, generator=gen) @ torch.randn(64, n, generator=gen)
         grads.append((g + 0.1 * torch.randn(m, n, generator=gen)) * 1e-3)
     init = [torch.randn(m, n, generator=gen) * 0.02 for m, n in shapes]
+    grads, init = [g.to(args.device) for g in grads], [x.to(args.device) for x in init]
     names = ["adamw", "galore-torch", "apollo", "ours-exact", "ours-randomized", "ours-randomized-stagger",
              "natural-galore"]
     params = {name: [torch.nn.Parameter(x.clone()) for x in init] for name in names}
@@ -281,6 +289,7 @@ def peak_memory(args: argparse.Namespace) -> dict:
 
 def machine() -> dict:
     return {"command": f"python benchmarks/optimizers.py {' '.join(sys.argv[1:])}", "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_initialized() else "cpu",
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "arch": platform.machine(),
             "load_average": [round(x, 1) for x in os.getloadavg()]}
 
@@ -290,7 +299,8 @@ def report(state: dict | None, memory: dict | None, args: argparse.Namespace, me
     GiB, MiB = 2**30, 2**20
     checks = {}
     print(f"`{meta['command']}`: torch {meta['torch']}, {meta['threads']} threads, {meta['cpus']} CPUs "
-          f"({meta['arch']}), load average {' '.join(map(str, meta['load_average']))} at the end")
+          f"({meta['arch']}), load average {' '.join(map(str, meta['load_average']))} at the end"
+          + (f"; part 1 on {meta['device']}" if meta.get("device", "cpu") != "cpu" else ""))
     if state:
         print(f"\n130m block weights ({state['_weights_bytes'] / MiB:.0f} MiB fp32), rank {RANK}, gap {GAP}; best of "
               f"{meta.get('rounds', args.rounds)} interleaved round(s), glibc allocator "

@@ -54,12 +54,14 @@ class Generator:
 class Rank:
     """One data-parallel rank of a toy run: replicated model and AdamW, its own generator and counter."""
 
-    def __init__(self, rank: int, seed: int = 0, extra: int = 0) -> None:
+    def __init__(self, rank: int, seed: int = 0, extra: int = 0, device: str = "cpu") -> None:
         with _GLOBAL_RNG:  # ranks are threads here: module initialisation draws from the global generator
             torch.manual_seed(seed)
             self.model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Linear(16, 4))
             if extra:
                 self.model.register_parameter("big", torch.nn.Parameter(torch.randn(extra)))
+        self.device = device
+        self.model.to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.01)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / 3))
         self.shared = Generator(1234)  # the same batches on every rank keep the replicas identical
@@ -67,7 +69,7 @@ class Rank:
         self.counter = Counter()
 
     def step(self, checkpointer: Checkpointer) -> None:
-        inputs = torch.randn(8, 6, generator=self.shared.generator)
+        inputs = torch.randn(8, 6, generator=self.shared.generator).to(self.device)
         loss = self.model(inputs).square().mean()
         if "big" in dict(self.model.named_parameters()):
             loss = loss + self.model.big.square().mean()
@@ -232,6 +234,29 @@ def test_optimizer_pre_hook_waits_even_without_wait_before_step(tmp_path):
     checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
     assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 3
     assert_equal(resumed.flat(), reference(3, extra=1 << 20))
+    checkpointer.close(shutdown_keeper=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_snapshot_restores_its_own_step_while_the_next_one_runs(tmp_path, device):
+    """The snapshot is copied while the next step runs (on CUDA: on a side stream, into pinned slots);
+    it restores, bit for bit, the state of its own step, not what the optimizer wrote after it."""
+    run = Rank(0, extra=1 << 20, device=device)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
+    checkpointer.restore(run.replicated(), run.per_rank())
+    for step in range(1, 4):
+        run.step(checkpointer)
+        assert checkpointer.after_step(step, run.replicated(), run.per_rank())
+    assert checkpointer._lazy._pending._cuda == (device == "cuda")  # step 3's copies: the CUDA side stream
+    at_step_3 = run.flat()
+    run.step(checkpointer)  # the optimizer overwrites weights and moments as soon as their copies are done
+    crash(checkpointer)
+    resumed = Rank(0, seed=5, extra=1 << 20, device=device)
+    checkpointer = Checkpointer(config(interval=0), tmp_path, FINGERPRINT, layout=single())
+    assert checkpointer.restore(resumed.replicated(), resumed.per_rank()) == 3
+    assert checkpointer.restore_source == "memory"
+    assert all(p.device.type == device for p in resumed.model.parameters())
+    assert_equal(resumed.flat(), at_step_3)
     checkpointer.close(shutdown_keeper=True)
 
 

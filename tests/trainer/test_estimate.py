@@ -54,6 +54,20 @@ def test_estimate_within_10_percent_of_the_measured_peak(preset, optimizer, one_
     assert abs(ratio - 1) <= 0.10
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("low_bit", [[], ["model.param_dtype=bf16", "optim.state_bits=8"]], ids=["fp32", "bf16-8bit"])
+def test_estimate_within_10_percent_of_max_memory_allocated_for_350m_galore(low_bit):
+    cfg = config("model.preset=350m", "trainer.micro_batch_size=4", "trainer.global_batch_size=4", "data.seq_len=512",
+                 "optim.name=galore", "trainer.device=cuda", *low_bit)
+    est = estimate(cfg)
+    measured = measure(cfg)
+    assert measured["device"] == "cuda" and measured["method"] == "torch.cuda.max_memory_allocated"
+    ratio = est.device_peak / measured["peak"]
+    print(f"350m galore {low_bit} on CUDA: estimate {est.device_peak} B, measured {measured['peak']} B, "
+          f"ratio {ratio:.4f}")
+    assert abs(ratio - 1) <= 0.10
+
+
 def test_json_schema_is_stable(capsys):
     assert main(["estimate", "quickstart", *SMALL["tiny"], "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
