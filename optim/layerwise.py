@@ -14,6 +14,9 @@ Contract with the training loop:
   norm. The LR scheduler changes this wrapper's ``param_groups``; each inner optimizer is synced to
   its group right before its parameter steps, so one schedule clock drives them all.
 - ``register_step_pre_hook`` hooks run once per step, just before the first parameter changes.
+- A parameter whose gradient is non-finite is not updated (its norm, in ``grad_norm``, tells the loop
+  the step was bad); the others of that step, stepped before it inside backward, are. The check costs
+  one host sync per parameter on CUDA.
 - Global gradient clipping cannot work (no step ever sees all gradients); ``clip_norm`` clips each
   parameter's gradient norm instead. ``clip_grad_norm_(params, inf)``, where a loop would clip,
   returns the global norm before clipping (``grad_norm`` after ``step()``); a finite max norm there
@@ -44,6 +47,9 @@ from ..errors import UserError
 
 class LayerwiseOptimizer(Optimizer):
     """Steps each parameter with its own ``optimizer_class`` instance as soon as its gradient is ready."""
+
+    steps_in_backward = True
+    """The loop's engine calls ``step()`` even after a non-finite gradient norm: it only finishes the step."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], optimizer_class: type[Optimizer],
                  *, clip_norm: float = 0.0, **optimizer_kwargs: Any):
@@ -135,6 +141,10 @@ class LayerwiseOptimizer(Optimizer):
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)  # a reduction: no gradient-sized temporary
         sq = norm.square()
         self._grad_sq_sum = sq if self._grad_sq_sum is None else self._grad_sq_sum + sq.to(self._grad_sq_sum.device)
+        if not torch.isfinite(norm):  # divergence: leave this parameter as it is (grad_norm reports the step)
+            p.grad = None
+            self._stepped.add(p)
+            return
         if self.clip_norm > 0.0:
             # The same coefficient as torch.nn.utils.clip_grad_norm_, on this parameter's norm alone.
             grad.mul_((self.clip_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
