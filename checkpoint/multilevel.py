@@ -292,6 +292,9 @@ class LazyCheckpointer:
                                       keep=[self._complete_step], count=self._slot_count,
                                       capacity=self._slot_capacity)
         self.stats.backpressure_s += time.perf_counter() - waited
+        for error in reply["disk_errors"]:
+            warnings.warn(f"lazy checkpointing: {error}; training goes on, the previous disk checkpoint and "
+                          "latest are kept, the next disk save tries again", stacklevel=3)
         buffer = self._slot_buffer(reply["slot"], reply["uid"], fds[0], reply["capacity"],
                                    pin=any(source.is_cuda for source, _ in plan.copies))
         buffer[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
