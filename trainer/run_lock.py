@@ -5,7 +5,8 @@ there, and removes it when the run ends, on errors too. A second run on the same
 refused with a message naming the holder. A lock left by a killed run (same host, its process
 gone, or the PID now belongs to a process started later) is stale: it is taken over with a
 warning. A lock held from another host cannot be checked from here; the message says how to remove
-it if that host is dead.
+it if that host is dead. Under torchrun, a lock of an earlier restart round of the same job is
+stale too, wherever it was taken.
 """
 
 import json
@@ -35,7 +36,7 @@ class RunLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LOCK_FILE
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_ticks(os.getpid()),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_elastic_job()}
         for _ in range(10):  # a few rounds: another run may take over or release between our steps
             try:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -43,7 +44,7 @@ class RunLock:
                 holder = _read(path)
                 if holder is None:  # released meanwhile
                     continue
-                if not _is_stale(path, holder, me["host"]):
+                if not _is_stale(path, holder, me):
                     _refuse(path, holder, me["host"])
                 _take_over(path, holder)
                 continue
@@ -79,8 +80,10 @@ def _read(path: Path) -> dict | None:
     return holder if isinstance(holder, dict) else {}
 
 
-def _is_stale(path: Path, holder: dict, host: str) -> bool:
-    """True if the holder ran on this host and its process is gone (or its PID was reused since).
+def _is_stale(path: Path, holder: dict, me: dict) -> bool:
+    """True if the holder ran on this host and its process is gone (or its PID was reused since), or
+    it was an earlier round of this torchrun job (torchrun stops every worker before it restarts them,
+    and a restarted rank 0 may run on another node).
 
     An unreadable lock is stale once it is older than a few seconds (its writer died mid-write).
     """
@@ -89,7 +92,9 @@ def _is_stale(path: Path, holder: dict, host: str) -> bool:
             return time.time() - path.stat().st_mtime > _UNREADABLE_STALE_S
         except FileNotFoundError:
             return False
-    if holder.get("host") != host or not isinstance(holder.get("pid"), int):
+    if me.get("job") is not None and holder.get("job") == me["job"] and holder.get("restart", 0) < me["restart"]:
+        return True
+    if holder.get("host") != me["host"] or not isinstance(holder.get("pid"), int):
         return False
     pid = holder["pid"]
     try:
@@ -133,6 +138,13 @@ def _refuse(path: Path, holder: dict | None, host: str) -> None:
     raise UserError(f"the run directory {path.parent} is in use by another run: {where} (lock file {path}). "
                     f"This host ({host}) cannot check that process; if it is dead (its node failed), delete {path} "
                     "and start again")
+
+
+def _elastic_job() -> dict:
+    """torchrun's job id and restart round, when launched by torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return {}
+    return {"job": os.environ["TORCHELASTIC_RUN_ID"], "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -6,6 +6,8 @@ import json
 import os
 import resource
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +19,7 @@ from leantrain.checkpoint import disk
 from leantrain.checkpoint.config import CheckpointConfig
 from leantrain.checkpoint.disk import CheckpointError, find_checkpoints, latest_good_checkpoint
 from leantrain.checkpoint.keeper import record_path
+from leantrain.checkpoint.keeper_client import node_name
 from leantrain.checkpoint.manager import Checkpointer
 from leantrain.checkpoint.multilevel import NodeLayout
 from leantrain.errors import UserError
@@ -140,8 +143,8 @@ def test_a_different_optimizer_layout_is_refused_before_loading(tmp_path):
     assert torch.equal(other.model.weight, weight)
 
 
-def keeper_pid(run_dir: Path) -> int:
-    return json.loads(record_path(run_dir, "solo").read_text())["pid"]
+def keeper_pid(run_dir: Path, name: str = "solo") -> int:
+    return json.loads(record_path(run_dir, name).read_text())["pid"]
 
 
 def alive(pid: int) -> bool:
@@ -203,3 +206,46 @@ def test_a_killed_keeper_stops_the_run_clearly_instead_of_hanging(tmp_path):
     assert time.monotonic() - started < 10
     resumed = Toy(seed=9)
     assert sync(tmp_path).restore(resumed.replicated(), resumed.per_rank()) == 2
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes() and alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_lazy_run_leaves_no_shared_memory_segment_and_no_keeper(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    before = shm_entries()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    trainer = subprocess.Popen([sys.executable, "-m", "leantrain", "train", "quickstart", *tiny_overrides,
+                                "trainer.max_steps=100000", "trainer.eval_interval=0", "checkpoint.mode=lazy",
+                                "checkpoint.interval=5", "checkpoint.keeper_idle_s=2"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step_5").is_dir():
+        assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()
+        time.sleep(0.05)
+    keeper = keeper_pid(run, node_name())
+    assert alive(keeper) and processes_naming(str(run))
+    trainer.kill()
+    trainer.wait()
+    # The keeper outlives its trainer on purpose (a restarted trainer resumes from its memory), for
+    # checkpoint.keeper_idle_s; then it exits, and its memfd slots go with it.
+    deadline = time.monotonic() + 30
+    while alive(keeper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(keeper), "the keeper outlived keeper_idle_s"
+    assert processes_naming(str(run)) == []
+    assert shm_entries() - before == set(), "a shared-memory segment was left in /dev/shm"
+    assert not record_path(run, node_name()).exists()

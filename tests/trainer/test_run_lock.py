@@ -56,3 +56,17 @@ def test_a_lock_whose_writer_died_mid_write_is_stale_after_a_while(tmp_path):
     os.utime(path, (0, 0))
     with pytest.warns(UserWarning, match="died mid-write"):
         RunLock.acquire(tmp_path).release()
+
+
+def test_an_earlier_round_of_the_same_torchrun_job_is_stale_wherever_it_ran(tmp_path, monkeypatch):
+    path = tmp_path / LOCK_FILE
+    path.write_text(json.dumps({"pid": 4242, "host": "node-17", "job": "job-1", "restart": 0, "started": "x"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(UserError, match="node-17"):  # the same round: another live rank 0
+        RunLock.acquire(tmp_path)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.warns(UserWarning, match="stale lock"):
+        lock = RunLock.acquire(tmp_path)
+    assert json.loads(path.read_text())["restart"] == 1
+    lock.release()
