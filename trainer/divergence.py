@@ -17,22 +17,22 @@ class DivergenceError(UserError):
 
 
 class DivergenceGuard:
-    """Counts bad steps (total, and the current streak) and raises at ``max_bad_steps`` in a row."""
+    """Counts the current streak of bad steps; ``stop_if_diverged`` raises at ``max_bad_steps`` in a row."""
 
     def __init__(self, max_bad_steps: int) -> None:
         self.max_bad_steps = max_bad_steps
         self.streak = 0
 
-    def check(self, step: int, grad_norm: float) -> bool:
-        """True if ``step`` was good; False if it was skipped; DivergenceError when the streak is too long."""
-        if math.isfinite(grad_norm):
-            self.streak = 0
-            return True
-        self.streak += 1
+    def check(self, grad_norm: float) -> bool:
+        """True if the step was good, False if it was skipped (a non-finite gradient norm)."""
+        self.streak = 0 if math.isfinite(grad_norm) else self.streak + 1
+        return self.streak == 0
+
+    def stop_if_diverged(self, step: int) -> None:
+        """DivergenceError if ``step`` ends ``max_bad_steps`` bad steps in a row."""
         if self.streak >= self.max_bad_steps:
             raise DivergenceError(
                 f"training diverged: steps {step - self.streak + 1} to {step} had a non-finite loss or gradient "
                 f"norm ({self.streak} in a row, trainer.max_bad_steps={self.max_bad_steps}); nothing of them was "
                 "saved. Resume from the newest checkpoint with a lower optim.lr, or raise trainer.max_bad_steps"
             )
-        return False

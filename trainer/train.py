@@ -275,11 +275,12 @@ def _train(cfg: Config, world: World, on_exit: ExitStack) -> dict[str, Any]:
         window_tokens += n_targets
 
         step = progress.step
-        good = guard.check(step, grad_norm.item())
+        good = guard.check(grad_norm.item())
         if not good:
             progress.bad_steps += 1
             metrics.event({"event": "bad_step", "step": step, "grad_norm": str(grad_norm.item()),
                            "streak": guard.streak, "bad_steps": progress.bad_steps})
+            guard.stop_if_diverged(step)
         evaluate_now = tcfg.eval_interval > 0 and (step % tcfg.eval_interval == 0 or step == stop)
         if step % cfg.logging.log_interval == 0 or evaluate_now or step == stop:
             elapsed = time.perf_counter() - window_start

@@ -80,6 +80,7 @@ def test_a_diverged_run_stops_after_max_bad_steps_without_saving(tiny_overrides,
     poison_steps(monkeypatch, 4)
     with pytest.raises(DivergenceError, match=r"steps 4 to 6 .*trainer.max_bad_steps=3"):
         train_module.train(cfg)
+    assert [e["step"] for e in events(run, "bad_step")] == [4, 5, 6]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_3"
     assert all(all_finite(path) for path in find_checkpoints(run / "checkpoints"))
     assert not (run / "final").exists() and not (run / "leantrain.lock").exists()
