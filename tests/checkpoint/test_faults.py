@@ -249,3 +249,24 @@ def test_a_killed_lazy_run_leaves_no_shared_memory_segment_and_no_keeper(tiny_ov
     assert processes_naming(str(run)) == []
     assert shm_entries() - before == set(), "a shared-memory segment was left in /dev/shm"
     assert not record_path(run, node_name()).exists()
+
+
+def test_save_now_in_lazy_mode_writes_the_snapshot_taken_or_a_new_one(tmp_path):
+    """What a stop signal does in lazy mode: the step already snapshotted to memory only goes to disk too."""
+    toy = Toy()
+    checkpointer = lazy(tmp_path, interval=4)
+    checkpointer.restore(toy.replicated(), toy.per_rank())
+    directory = tmp_path / "checkpoints"
+    try:
+        steps(toy, checkpointer, 1, 3)  # step 3: a memory snapshot only
+        checkpointer.save_now(3, toy.replicated(), toy.per_rank())
+        assert (directory / "latest").read_text().strip() == "step_3"
+        toy.step()  # step 4 ran, no snapshot of it yet
+        checkpointer.save_now(4, toy.replicated(), toy.per_rank())
+        assert (directory / "latest").read_text().strip() == "step_4"
+        weight = toy.model.weight.detach().clone()
+    finally:
+        checkpointer.close(shutdown_keeper=True)
+    resumed = Toy(seed=9)
+    assert sync(tmp_path).restore(resumed.replicated(), resumed.per_rank()) == 4
+    assert torch.equal(resumed.model.weight, weight)
