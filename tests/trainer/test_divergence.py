@@ -42,11 +42,11 @@ def all_finite(checkpoint: Path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.values())
 
 
-@pytest.mark.parametrize("layerwise", [False, True], ids=["global", "layerwise"])
+@pytest.mark.parametrize("extra", [[], ["optim.layerwise=true", "trainer.grad_clip=0"], ["optim.offload=cpu"]],
+                         ids=["global", "layerwise", "offload"])
 def test_bad_steps_are_skipped_counted_and_never_checkpointed(tiny_overrides, tmp_path, monkeypatch, one_thread,
-                                                              layerwise):
+                                                              extra):
     run = tmp_path / "run"
-    extra = ["optim.layerwise=true", "trainer.grad_clip=0"] if layerwise else []
     cfg = load_config("quickstart", [*tiny_overrides, "trainer.max_steps=6", "trainer.eval_interval=0",
                                      "checkpoint.interval=1", "checkpoint.keep=10", *extra])
     poison_steps(monkeypatch, {3, 4})
