@@ -230,10 +230,10 @@ def test_a_killed_lazy_run_leaves_no_shared_memory_segment_and_no_keeper(tiny_ov
     env = dict(os.environ, OMP_NUM_THREADS="1")
     trainer = subprocess.Popen([sys.executable, "-m", "leantrain", "train", "quickstart", *tiny_overrides,
                                 "trainer.max_steps=100000", "trainer.eval_interval=0", "checkpoint.mode=lazy",
-                                "checkpoint.interval=5", "checkpoint.keeper_idle_s=2"], env=env,
+                                "checkpoint.interval=2", "checkpoint.keeper_idle_s=2"], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step_5").is_dir():
+    while not (run / "checkpoints" / "step_2").is_dir():
         assert trainer.poll() is None and time.monotonic() < deadline, trainer.communicate()
         time.sleep(0.05)
     keeper = keeper_pid(run, node_name())

@@ -114,7 +114,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_the_resume_loses_n
 
 
 def test_sigint_saves_the_finished_step_and_the_resume_is_bitwise(tiny_overrides, tmp_path):
-    common = [*tiny_overrides, "trainer.max_steps=60", "trainer.eval_interval=0"]
+    common = [*tiny_overrides, "trainer.max_steps=40", "trainer.eval_interval=0"]
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert run_leantrain(["train", "quickstart", *common, f"trainer.run_dir={straight}"]).returncode == 0
     proc = launch(["train", "quickstart", *common, f"trainer.run_dir={run}"])
