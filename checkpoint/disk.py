@@ -105,7 +105,12 @@ def write_payload(staging: Path, name: str, payload: dict) -> None:
     staging = Path(staging)
     with open(staging / f"{name}.pt", "xb") as file:
         writer = _HashingWriter(file)
-        torch.save(payload, writer)
+        try:
+            torch.save(payload, writer)
+        except RuntimeError:  # torch.save reports a failed write as its own error: give the OSError (disk full)
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         file.flush()
         os.fsync(file.fileno())
     record = {"size": writer.size, "sha256": writer.sha256.hexdigest()}
@@ -361,10 +366,19 @@ class _HashingWriter:
         self.file = file
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None
+        """The first failed write (ENOSPC, EFBIG, EIO), which torch.save would otherwise hide."""
 
     def write(self, data: bytes) -> int:
-        written = self.file.write(data)
-        self.sha256.update(data)
+        view = memoryview(data).cast("B")
+        written = 0
+        try:
+            while written < len(view):  # a short write is followed by the error, if there is one
+                written += self.file.write(view[written:])
+        except OSError as error:
+            self.error = self.error or error
+            raise
+        self.sha256.update(view)
         self.size += written
         return written
 

@@ -223,8 +223,12 @@ class Keeper:
                 slot = replacement
             slot.writing, slot.step, slot.digest, slot.nbytes = True, None, None, 0
             index = slots.index(slot)
+            errors = []
+            if local_rank == 0:  # failed disk saves, reported once, as a warning, with the next snapshot
+                errors, self.disk_errors = self.disk_errors, []
         waited = time.monotonic() - started
-        return {"slot": index, "uid": slot.uid, "capacity": slot.capacity, "waited_s": waited}, [slot.fd]
+        reply = {"slot": index, "uid": slot.uid, "capacity": slot.capacity, "waited_s": waited, "disk_errors": errors}
+        return reply, [slot.fd]
 
     def _trainer_commit(self, header: dict) -> tuple[None, list]:
         with self.lock:
@@ -415,7 +419,7 @@ class Keeper:
                 self.lock.notify_all()
 
     def _disk_loop(self) -> None:
-        from .levels import commit_when_complete, write_node_payloads
+        from .levels import commit_when_complete, discard_staging, write_node_payloads
 
         yield_cores_to_training()
         while True:
@@ -448,6 +452,7 @@ class Keeper:
                         self.lock.notify_all()
             except Exception as error:  # noqa: BLE001 - reported by the next flush
                 log.exception("saving step %d to disk failed", step)
+                discard_staging(Path(run["directory"]), step, run["generation"])  # a full disk needs the space
                 with self.lock:
                     self.disk_errors.append(f"disk checkpoint of step {step}: {error}")
                 if pinned:

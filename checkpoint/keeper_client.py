@@ -1,5 +1,6 @@
 """A trainer's side of its node's keeper: find it (starting it if this is local rank 0) and talk to it."""
 
+import contextlib
 import mmap
 import os
 import socket
@@ -12,11 +13,20 @@ from typing import Any
 
 from ..errors import UserError
 from . import wire
+from .disk import CheckpointError
 from .keeper import record_path, socket_name
 
 
+class KeeperGone(CheckpointError):
+    """The node's keeper stopped answering (killed, or its node failed): its snapshots are lost."""
+
+
 class KeeperClient:
-    """One trainer's connection to the keeper of its node; thread-safe (the copier thread commits)."""
+    """One trainer's connection to the keeper of its node; thread-safe (the copier thread commits).
+
+    A keeper that dies takes the memory snapshots with it; a request to it then raises ``KeeperGone``
+    at once (its socket is closed) rather than waiting, and the run stops with that message.
+    """
 
     def __init__(self, connection: socket.socket, name: str, local_rank: int) -> None:
         self.connection, self.name, self.local_rank = connection, name, local_rank
@@ -54,14 +64,25 @@ class KeeperClient:
             time.sleep(0.1)
 
     def call(self, op: str, **fields: Any) -> tuple[dict, list[int]]:
-        with self._lock:
+        with self._lock, self._gone_on_error(op):
             reply, _, fds = wire.request(self.connection, {"op": op, **fields})
         return reply, fds
 
     def tell(self, op: str, **fields: Any) -> None:
         """A request without an answer (commit, complete): it is in the keeper's hands once sent."""
-        with self._lock:
+        with self._lock, self._gone_on_error(op):
             wire.send(self.connection, {"op": op, **fields})
+
+    @contextlib.contextmanager
+    def _gone_on_error(self, op: str):
+        try:
+            yield
+        except (ConnectionError, OSError) as error:  # PeerGone is a ConnectionError
+            raise KeeperGone(
+                f"the snapshot keeper of node {self.name} is gone ({op}: {error}): it was killed or its node failed, "
+                "and its memory snapshots with it. The run stops here; run the same command again to resume from "
+                "the newest disk checkpoint"
+            ) from error
 
     def mapping(self, uid: int, fd: int, capacity: int) -> mmap.mmap:
         """The shared memory of slot ``uid``, mapped once; ``fd`` is closed either way."""

@@ -17,6 +17,8 @@ from queue import SimpleQueue
 
 import torch
 
+from ..errors import UserError
+
 _PENDING, _ISSUED = 0, 1
 
 
@@ -70,7 +72,7 @@ class LazyCopy:
             while self._error is None and any(self._state[i] != _ISSUED for i in wanted):
                 self._lock.wait()
             if self._error is not None:
-                raise RuntimeError("a snapshot copy failed") from self._error
+                raise _for_waiter(self._error)
         if self._cuda:
             stream = torch.cuda.current_stream(self._stream.device)
             for index in wanted:
@@ -83,7 +85,7 @@ class LazyCopy:
             while not self._completed and self._error is None:
                 self._lock.wait()
             if self._error is not None:
-                raise RuntimeError("a snapshot copy failed") from self._error
+                raise _for_waiter(self._error)
 
     def run(self) -> None:
         """The copier thread's work: every copy still pending, in order, then the completion."""
@@ -205,6 +207,15 @@ def _side_stream(device: torch.device):
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device=device)
     return _side_streams[device]
+
+
+def _for_waiter(error: BaseException) -> BaseException:
+    """What the waiting thread raises: a user's error as it is (its message says what to do), else a wrapper."""
+    if isinstance(error, UserError):
+        return error
+    wrapped = RuntimeError("a snapshot copy failed")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

@@ -43,6 +43,11 @@ def write_node_payloads(
             _write_fresh(staging, f"rank_{rank}", states)
 
 
+def discard_staging(directory: Path, step: int, generation: str) -> None:
+    """Remove the staging directory of a save that failed: the step will never be committed."""
+    shutil.rmtree(staging_path(directory, step, tag=f"lazy-{generation}"), ignore_errors=True)
+
+
 def commit_when_complete(
     directory: Path, step: int, generation: str, meta: dict, expected: list[str], keep: int, timeout_s: float,
     abandon: threading.Event,

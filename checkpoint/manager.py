@@ -14,7 +14,10 @@ held by a keeper process per node, disk checkpoints of the same layout streamed 
 """
 
 import json
+import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -24,6 +27,8 @@ from ..errors import UserError
 from .config import MODES, CheckpointConfig
 from .disk import (
     FINAL_WEIGHTS_FILE,
+    LATEST_FILE,
+    CheckpointError,
     commit_staging,
     find_checkpoints,
     latest_good_checkpoint,
@@ -39,6 +44,7 @@ from .disk import (
     write_text_atomic,
 )
 from .multilevel import LazyCheckpointer, NodeLayout, SnapshotStats
+from .states import load_states as _load_states
 
 REPLICATED = "replicated"
 _RESTORE_DECISION_FILE = ".checkpoint-restore.json"
@@ -207,6 +213,16 @@ class Checkpointer:
         if self._lazy is not None:
             self._lazy.wait_before_step()
 
+    def save_now(self, step: int, replicated: dict[str, Stateful], per_rank: dict[str, Stateful]) -> None:
+        """Put ``step`` on disk and wait for it, unless it is there already (the run is stopping early).
+
+        In lazy mode a memory snapshot of ``step`` already taken is written to disk from memory.
+        """
+        if self._lazy is not None:
+            self._lazy.save_now(step, replicated, per_rank)
+        else:
+            self.after_step(step, replicated, per_rank, force=True)
+
     def after_step(
         self, step: int, replicated: dict[str, Stateful], per_rank: dict[str, Stateful], force: bool = False
     ) -> bool:
@@ -225,27 +241,28 @@ class Checkpointer:
             return False
         directory = self.checkpoint_dir
         staging = staging_path(directory, step)
-        if self.rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            repair(directory)
-            open_staging(directory, step)
-        self._barrier()
-        if self.rank == 0:
-            write_payload(staging, REPLICATED, {name: obj.state_dict() for name, obj in replicated.items()})
-        if per_rank:
-            states = {name: obj.state_dict() for name, obj in per_rank.items()}
-            write_payload(staging, f"rank_{self.rank}", states)
-        self._barrier()
-        if self.rank == 0:
-            meta = {
-                "fingerprint": self.fingerprint,
-                "world_size": self.world_size,
-                REPLICATED: sorted(replicated),
-                "per_rank": sorted(per_rank),
-            }
-            expected = [REPLICATED] + ([f"rank_{r}" for r in range(self.world_size)] if per_rank else [])
-            commit_staging(directory, staging, step, meta, expected_names=expected)
-            prune(directory, self.cfg.keep)
+        with _disk_errors_named(directory, step, staging):
+            if self.rank == 0:
+                directory.mkdir(parents=True, exist_ok=True)
+                repair(directory)
+                open_staging(directory, step)
+            self._barrier()
+            if self.rank == 0:
+                write_payload(staging, REPLICATED, {name: obj.state_dict() for name, obj in replicated.items()})
+            if per_rank:
+                states = {name: obj.state_dict() for name, obj in per_rank.items()}
+                write_payload(staging, f"rank_{self.rank}", states)
+            self._barrier()
+            if self.rank == 0:
+                meta = {
+                    "fingerprint": self.fingerprint,
+                    "world_size": self.world_size,
+                    REPLICATED: sorted(replicated),
+                    "per_rank": sorted(per_rank),
+                }
+                expected = [REPLICATED] + ([f"rank_{r}" for r in range(self.world_size)] if per_rank else [])
+                commit_staging(directory, staging, step, meta, expected_names=expected)
+                prune(directory, self.cfg.keep)
         self._barrier()
         self._last_saved_step = step
         return True
@@ -344,9 +361,20 @@ def _step(path: Path) -> int:
     return int(path.name.rsplit("_", 1)[1])
 
 
-def _load_states(objects: dict[str, Stateful], states: dict[str, Any]) -> None:
-    for name, obj in objects.items():
-        obj.load_state_dict(states[name])
+@contextmanager
+def _disk_errors_named(directory: Path, step: int, staging: Path) -> Iterator[None]:
+    """An OSError of a save (disk full, permission denied) becomes a CheckpointError naming what is kept."""
+    try:
+        yield
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = (directory / LATEST_FILE).read_text().strip() if (directory / LATEST_FILE).is_file() else None
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} to {directory} failed: {error}; "
+            + (f"the previous checkpoint {directory / kept} and {LATEST_FILE} are kept" if kept else
+               "no earlier checkpoint exists")
+            + ". Free space or fix the permissions, then resume with the same command"
+        ) from error
 
 
 def _fingerprint_differences(saved: dict, current: dict) -> list[str]:

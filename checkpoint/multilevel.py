@@ -32,6 +32,7 @@ from .keeper_client import KeeperClient, advertised_host, node_name
 from .lazy import Copier, LazyCopy, pin_host_memory, unpin_host_memory
 from .parity import group_of
 from .snapshot import assemble, flatten, plan_snapshot, shard_of
+from .states import load_states as _load_states
 
 if TYPE_CHECKING:
     from .manager import Checkpointer, Stateful
@@ -112,6 +113,8 @@ class LazyCheckpointer:
         self._pending: LazyCopy | None = None
         self._pending_step = 0
         self._pending_persist = False
+        self._persisted_step = 0
+        """The newest step sent to disk (or restored from a disk checkpoint of it)."""
         self._complete_step = 0
         self._last_step = 0
         self._slot_count = 0
@@ -169,6 +172,8 @@ class LazyCheckpointer:
             self.keeper.call("resume", step=step, source=source, generation=decision["generation"])
         self.owner.barrier()
         self._complete_step = self._last_step = step if source != "none" else 0
+        on_disk = source == "disk" or (self.owner.checkpoint_dir / f"step_{step}").is_dir()
+        self._persisted_step = step if on_disk else 0
         self.owner.restore_source = None if source == "none" else source
         return step
 
@@ -286,6 +291,9 @@ class LazyCheckpointer:
                                       keep=[self._complete_step], count=self._slot_count,
                                       capacity=self._slot_capacity)
         self.stats.backpressure_s += time.perf_counter() - waited
+        for error in reply["disk_errors"]:
+            warnings.warn(f"lazy checkpointing: {error}; training goes on, the previous disk checkpoint and "
+                          "latest are kept, the next disk save tries again", stacklevel=3)
         buffer = self._slot_buffer(reply["slot"], reply["uid"], fds[0], reply["capacity"],
                                    pin=any(source.is_cuda for source, _ in plan.copies))
         buffer[: len(plan.prefix)] = torch.frombuffer(bytearray(plan.prefix), dtype=torch.uint8)
@@ -312,6 +320,20 @@ class LazyCheckpointer:
         if force:
             self.flush()
         return True
+
+    def save_now(self, step: int, replicated: dict, per_rank: dict) -> None:
+        """Put ``step`` on disk and wait: a new snapshot, or the memory snapshot of ``step`` already taken."""
+        if step < 1:
+            return
+        if step != self._last_step:
+            self.after_step(step, replicated, per_rank, force=True)
+            return
+        self._settle_pending()
+        if step != self._persisted_step:
+            if self.layout.local_rank == 0:
+                self.keeper.tell("complete", step=step, persist=True)
+            self._persisted_step = step
+        self.flush()
 
     def wait_before_step(self) -> None:
         if self._pending is not None:
@@ -366,6 +388,8 @@ class LazyCheckpointer:
         if self.layout.local_rank == 0:
             self.keeper.tell("complete", step=self._pending_step, persist=self._pending_persist)
         self._complete_step = self._pending_step
+        if self._pending_persist:
+            self._persisted_step = self._pending_step
         self._pending = None
 
     def _slot_buffer(self, slot: int, uid: int, fd: int, capacity: int, pin: bool) -> torch.Tensor:
@@ -536,8 +560,3 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def _step_of(path: Path) -> int:
     return int(path.name.rsplit("_", 1)[1])
-
-
-def _load_states(objects: dict, states: dict) -> None:
-    for name, obj in objects.items():
-        obj.load_state_dict(states[name])

@@ -14,6 +14,9 @@ Contract with the training loop:
   norm. The LR scheduler changes this wrapper's ``param_groups``; each inner optimizer is synced to
   its group right before its parameter steps, so one schedule clock drives them all.
 - ``register_step_pre_hook`` hooks run once per step, just before the first parameter changes.
+- A parameter whose gradient is non-finite is not updated (its norm, in ``grad_norm``, tells the loop
+  the step was bad); the others of that step, stepped before it inside backward, are. The check costs
+  one host sync per parameter on CUDA.
 - Global gradient clipping cannot work (no step ever sees all gradients); ``clip_norm`` clips each
   parameter's whole gradient (reduced over ranks, summed over the window) to that norm instead.
   ``clip_grad_norm_(params, inf)``, where a loop would clip, finishes the step's updates and returns
@@ -59,6 +62,9 @@ class LayerwiseOptimizer(Optimizer):
     every inner optimizer and the step in progress; the copy hooks its own parameters, drops the
     step pre-hooks (as ``torch.optim`` does) and must be attached to its DDP module again.
     """
+
+    steps_in_backward = True
+    """The loop's engine calls ``step()`` even after a non-finite gradient norm: it only finishes the step."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], optimizer_class: type[Optimizer],
                  *, clip_norm: float = 0.0, **optimizer_kwargs: Any):
@@ -175,6 +181,10 @@ class LayerwiseOptimizer(Optimizer):
             norm = (_sum_over_mesh(sq, grad) if sharded else sq).sqrt()
             # The same coefficient as torch.nn.utils.clip_grad_norm_, on this parameter's norm alone.
             local.mul_((self.clip_norm / (norm + 1e-6)).clamp(max=1.0).to(local.dtype))
+        if not torch.isfinite(sq):  # divergence: leave this parameter (under FSDP2 this shard) as it is
+            p.grad = None
+            self._stepped.add(p)
+            return
         inner = self.inner[p]
         inner.param_groups[0].update((k, v) for k, v in self._group_of[p].items() if k != "params")
         inner.step()

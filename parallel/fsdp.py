@@ -105,7 +105,8 @@ class FSDP2Engine(DataParallelEngine):
         if isinstance(norm, DTensor):  # partial sums of squares on each rank
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
-        self.optimizer.step()
+        if torch.isfinite(norm):  # else skipped, as in DataParallelEngine.step
+            self.optimizer.step()
         return norm
 
     def checkpoint_states(self) -> tuple[dict[str, Any], dict[str, Any]]:

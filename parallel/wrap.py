@@ -58,12 +58,18 @@ class DataParallelEngine:
         loss.backward()
 
     def step(self) -> torch.Tensor:
-        """Clip the gradients to ``trainer.grad_clip`` and step; returns the global norm before clipping."""
+        """Clip the gradients to ``trainer.grad_clip`` and step; returns the global norm before clipping.
+
+        A non-finite norm (divergence, overflow) skips the update: the weights stay as they were and
+        the loop counts the step as bad. Optimizers that update inside backward (per-layer updates)
+        skip each parameter whose gradient is non-finite themselves; their ``step`` always runs.
+        """
         if hasattr(self.optimizer, "clip_grad_norm_"):
             norm = self.optimizer.clip_grad_norm_(self.model.parameters(), self.max_norm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        self.optimizer.step()
+        if getattr(self.optimizer, "steps_in_backward", False) or torch.isfinite(norm):
+            self.optimizer.step()
         return norm
 
     def zero_grad(self) -> None:

@@ -58,6 +58,8 @@ class TrainerConfig:
     """auto | cpu | cuda."""
     memory_check: bool = True
     """Before building the model, refuse a run whose memory plan (leantrain estimate) exceeds the device's free memory."""
+    max_bad_steps: int = 5
+    """Stop the run after this many optimizer steps in a row with a non-finite gradient norm (each is skipped)."""
 
 
 @dataclass
@@ -95,14 +97,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.device": ("auto", "cpu", "cuda"),
 }
 POSITIVE = ("trainer.max_steps", "trainer.global_batch_size", "trainer.micro_batch_size",
-            "trainer.eval_batches", "data.seq_len", "logging.log_interval", "checkpoint.keep")
+            "trainer.eval_batches", "trainer.max_bad_steps", "data.seq_len", "logging.log_interval", "checkpoint.keep")
 NON_NEGATIVE = ("trainer.stop_at_step", "trainer.eval_interval", "trainer.grad_clip", "checkpoint.interval",
                 "optim.warmup_steps", "optim.weight_decay", "moe.num_experts")
 
 # Keys that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = ("trainer.max_steps", "trainer.stop_at_step", "trainer.run_dir", "trainer.eval_interval",
                      "trainer.eval_batches", "trainer.micro_batch_size", "trainer.device", "trainer.memory_check",
-                     "checkpoint", "logging", "data.cache_dir")
+                     "trainer.max_bad_steps", "checkpoint", "logging", "data.cache_dir")
 
 
 def bundled_configs() -> list[str]:

@@ -4,6 +4,8 @@ Order: world, config checks, data, model (on the meta device), loss, parallel wr
 the weights, as each rank's shards under FSDP2), optimizer, schedule, checkpointer
 (restore), metrics, loop. One optimizer step is: accumulate micro-batches (loss normalised by the
 global count of target tokens), clip, let the checkpointer wait, step, schedule, log, checkpoint.
+Around it: the run directory's lock, the stop signals (SIGTERM, SIGINT: save and exit 0 at a step
+boundary) and the divergence guard (non-finite steps skipped, the run stopped after too many).
 """
 
 import dataclasses
@@ -12,6 +14,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,11 @@ from ..parallel.world import World, close_world, init_world
 from ..parallel.wrap import DataParallelEngine, build_engine
 from .config import Config, accumulation_steps, fingerprint, to_dict, to_yaml
 from .data import build_data
+from .divergence import DivergenceGuard
 from .estimate import check_fits
 from .metrics import MetricsLogger, perplexity
+from .preemption import StopRequest
+from .run_lock import RunLock
 from .schedule import build_scheduler
 
 
@@ -41,12 +47,15 @@ class Progress:
     def __init__(self) -> None:
         self.step = 0
         self.tokens_seen = 0
+        self.bad_steps = 0
+        """Steps skipped by the divergence guard so far."""
 
     def state_dict(self) -> dict[str, int]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen}
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "bad_steps": self.bad_steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.bad_steps = int(state.get("bad_steps", 0))  # checkpoints from before the guard have none
 
 
 class RNGState:
@@ -185,16 +194,51 @@ def micro_batch(cfg: Config, engine: DataParallelEngine, inputs: torch.Tensor, t
     return loss.detach()
 
 
+def global_targets_and_stop_votes(micro_batches: list[tuple[torch.Tensor, torch.Tensor]], stop_request: StopRequest,
+                                  world: World) -> tuple[int, int]:
+    """The step's target tokens over all ranks, and how many ranks got a stop signal: one all-reduce."""
+    local = sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches)
+    counts = world.all_reduce_sum(torch.tensor([local, int(stop_request.requested)], device=world.device))
+    n_targets, stop_votes = counts.tolist()
+    return n_targets, stop_votes
+
+
+def stop_on_signal(step: int, stop_request: StopRequest, checkpointer: Checkpointer, replicated: dict,
+                   per_rank: dict, metrics: MetricsLogger) -> None:
+    """A rank got SIGTERM or SIGINT: save ``step`` (the last finished one) to disk, waiting for it."""
+    checkpointer.save_now(step, replicated, per_rank)
+    metrics.event({"event": "stopped", "step": step, "signal": stop_request.name or "on another rank"})
+    metrics.write(f"leantrain: stop signal ({stop_request.name or 'on another rank'}): stopped after step {step} "
+                  "with a checkpoint; run the same command again to resume")
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Run (or resume) the configured training and return the last logged metrics."""
     world = init_world(cfg.trainer.device)
     try:
-        return _train(cfg, world)
+        with ExitStack() as on_exit:  # the run directory's lock, the signal handlers
+            return _train(cfg, world, on_exit)
     finally:
         close_world()
 
 
-def _train(cfg: Config, world: World) -> dict[str, Any]:
+def lock_run_dir(run_dir: Path, world: World) -> RunLock | None:
+    """Rank 0 locks the run directory (see run_lock.py); if it cannot, every rank raises."""
+    lock, error = None, None
+    if world.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except UserError as caught:
+            error = caught
+    failed = world.all_reduce_sum(torch.tensor([int(error is not None)], device=world.device))
+    if error is not None:
+        raise error
+    if failed.item():
+        raise UserError(f"rank 0 could not lock the run directory {run_dir}; its message says why")
+    return lock
+
+
+def _train(cfg: Config, world: World, on_exit: ExitStack) -> dict[str, Any]:
     tcfg = cfg.trainer
     run_dir = Path(tcfg.run_dir)
     accum = accumulation_steps(tcfg, world.world_size)
@@ -218,6 +262,11 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
     moe = moe_config_of(cfg, model)
     balance = BalanceCollector(moe, group=world.group) if moe.num_experts else None
 
+    lock = lock_run_dir(run_dir, world)  # before anything in the run directory is read or written
+    if lock is not None:
+        on_exit.callback(lock.release)
+    stop_request = StopRequest()
+    on_exit.callback(stop_request.close)
     checkpointer = Checkpointer(cfg.checkpoint, run_dir, fingerprint(cfg), world.rank, world.world_size, world.barrier)
     model_states, rank_states = engine.checkpoint_states()
     replicated = {**model_states, "scheduler": scheduler, "progress": progress}
@@ -241,14 +290,19 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         last = {"step": 0, **evaluate(loss_module, data, cfg, world, moe)}
         metrics.event(last)
     stop = min(tcfg.max_steps, tcfg.stop_at_step or tcfg.max_steps)
+    guard = DivergenceGuard(tcfg.max_bad_steps)
     window_start, window_tokens = time.perf_counter(), 0
     while progress.step < stop:
+        position = loader.state_dict()
         micro_batches = [loader.next() for _ in range(accum)]
-        n_targets = world.all_reduce_sum(
-            torch.tensor(sum(int((t != IGNORE_INDEX).sum()) for _, t in micro_batches), device=world.device))
+        n_targets, stop_votes = global_targets_and_stop_votes(micro_batches, stop_request, world)
+        if stop_votes:
+            loader.load_state_dict(position)  # these batches are the resumed run's first
+            stop_on_signal(progress.step, stop_request, checkpointer, replicated, per_rank, metrics)
+            break
         # Every backend averages gradients over ranks; scaling by world size / global targets makes
         # the gradient that of the mean loss over every target token of the global batch.
-        scale = world.world_size / n_targets.item()
+        scale = world.world_size / n_targets
         loss_sum = torch.zeros((), dtype=torch.float64, device=world.device)
         for i, (inputs, targets) in enumerate(micro_batches):
             inputs, targets = inputs.to(world.device), targets.to(world.device)
@@ -262,23 +316,31 @@ def _train(cfg: Config, world: World) -> dict[str, Any]:
         if balance is not None:
             balance.reset()
         progress.step += 1
-        progress.tokens_seen += int(n_targets.item())
-        window_tokens += int(n_targets.item())
+        progress.tokens_seen += n_targets
+        window_tokens += n_targets
 
         step = progress.step
+        good = guard.check(grad_norm.item())
+        if not good:
+            progress.bad_steps += 1
+            metrics.event({"event": "bad_step", "step": step, "grad_norm": str(grad_norm.item()),
+                           "streak": guard.streak, "bad_steps": progress.bad_steps})
+            guard.stop_if_diverged(step)
         evaluate_now = tcfg.eval_interval > 0 and (step % tcfg.eval_interval == 0 or step == stop)
         if step % cfg.logging.log_interval == 0 or evaluate_now or step == stop:
             elapsed = time.perf_counter() - window_start
-            last = {"step": step, "loss": world.all_reduce_sum(loss_sum).item() / n_targets.item(),
+            last = {"step": step, "loss": world.all_reduce_sum(loss_sum).item() / n_targets,
                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": progress.tokens_seen,
                     # This rank's optimizer-state bytes: it changes with LISA's and FRUGAL's active parts.
-                    "optim_state_bytes": count_state_bytes(optimizer), **moe_metrics}
+                    "optim_state_bytes": count_state_bytes(optimizer), "bad_steps": progress.bad_steps,
+                    **moe_metrics}
             if evaluate_now:
                 last.update(evaluate(loss_module, data, cfg, world, moe))
             metrics.log(last)
             window_start, window_tokens = time.perf_counter(), 0
-        checkpointer.after_step(step, replicated, per_rank, force=step == stop)
+        if good:  # a skipped step's state is the previous one's; never checkpoint in a bad streak
+            checkpointer.after_step(step, replicated, per_rank, force=step == stop)
 
     if progress.step >= tcfg.max_steps:
         checkpointer.save_final(engine.full_state_dict(), {"config": to_yaml(cfg), "step": str(progress.step)})
