@@ -243,6 +243,15 @@ class LayerwiseOptimizer(Optimizer):
         self._stepped.clear()
         self._pre_hooks_ran = self._finished = False
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout, each parameter's state as its inner optimizer saves it (sharded ones place theirs)."""
+        packed = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(params):  # torch numbers parameters in group order
+            if index in packed["state"]:
+                packed["state"][index] = self.inner[p].state_dict()["state"][0]
+        return packed
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this wrapper (the same layout as a single optimizer's)."""
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
