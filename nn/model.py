@@ -181,6 +181,8 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
         stds = self.init_stds()
         for name, param in self.named_parameters():
+            if getattr(param, "_is_hf_initialized", False):  # loaded by HF's from_pretrained: keep it
+                continue
             if stds[name] is None:
                 init.ones_(param)
             else:

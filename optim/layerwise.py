@@ -63,6 +63,8 @@ class LayerwiseOptimizer(Optimizer):
     step pre-hooks (as ``torch.optim`` does) and must be attached to its DDP module again.
     """
 
+    skip_non_finite = True
+    """Leave a parameter whose gradient is not finite as it is (``leantrain estimate`` turns the check off)."""
     steps_in_backward = True
     """The loop's engine calls ``step()`` even after a non-finite gradient norm: it only finishes the step."""
 
@@ -181,7 +183,7 @@ class LayerwiseOptimizer(Optimizer):
             norm = (_sum_over_mesh(sq, grad) if sharded else sq).sqrt()
             # The same coefficient as torch.nn.utils.clip_grad_norm_, on this parameter's norm alone.
             local.mul_((self.clip_norm / (norm + 1e-6)).clamp(max=1.0).to(local.dtype))
-        if not torch.isfinite(sq):  # divergence: leave this parameter (under FSDP2 this shard) as it is
+        if self.skip_non_finite and not torch.isfinite(sq):  # divergence: leave this parameter (under FSDP2 this shard) as it is
             p.grad = None
             self._stepped.add(p)
             return

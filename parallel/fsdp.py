@@ -105,7 +105,7 @@ class FSDP2Engine(DataParallelEngine):
         if isinstance(norm, DTensor):  # partial sums of squares on each rank
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
-        if torch.isfinite(norm):  # else skipped, as in DataParallelEngine.step
+        if not self.skip_non_finite or torch.isfinite(norm):  # else skipped, as in DataParallelEngine.step
             self.optimizer.step()
         return norm
 

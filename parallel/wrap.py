@@ -40,6 +40,9 @@ class DataParallelEngine:
     with their own ``clip_grad_norm_`` when they have one.
     """
 
+    skip_non_finite = True
+    """Skip the update when the norm is not finite (``leantrain estimate``'s fake step turns the check off)."""
+
     def __init__(self, module: nn.Module, model: nn.Module, optimizer: Optimizer, grad_clip: float):
         self.module = module
         self.model = model
@@ -68,7 +71,7 @@ class DataParallelEngine:
             norm = self.optimizer.clip_grad_norm_(self.model.parameters(), self.max_norm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        if getattr(self.optimizer, "steps_in_backward", False) or torch.isfinite(norm):
+        if not self.skip_non_finite or getattr(self.optimizer, "steps_in_backward", False) or torch.isfinite(norm):
             self.optimizer.step()
         return norm
 

@@ -370,6 +370,7 @@ def _simulate(cfg: Config, vocab_size: int, accum: int, target: torch.device) ->
                 check_flat_optimizer(optimizer)
             _skip_guard(optimizer)
             engine = DataParallelEngine(loss_module, model, optimizer, cfg.trainer.grad_clip)
+            engine.skip_non_finite = False  # the healthy step: its norm is finite
             batch = torch.zeros(cfg.trainer.micro_batch_size, cfg.data.seq_len, dtype=torch.int64)
             with _optimizer_hooks(trace):
                 run_steps(plain, engine, batch, batch, accum, trace)
@@ -490,6 +491,8 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def _skip_guard(optimizer: torch.optim.Optimizer) -> None:
     """GaLore's refresh guard asks whether each gradient is finite; the answer is yes, so skip the question."""
+    if hasattr(optimizer, "skip_non_finite"):  # per-layer updates' divergence check: finite too
+        optimizer.skip_non_finite = False
     for group in optimizer.param_groups:
         if "guard" in group:
             group["guard"] = False
@@ -575,11 +578,9 @@ def vocab_size_of(cfg: Config) -> int:
 
         return load_tokenizer(cfg.data.tokenizer, "data.tokenizer").get_vocab_size()
     if cfg.data.source == "shards":
-        meta = Path(cfg.data.path).expanduser() / "meta.json"
-        try:
-            return int(json.loads(meta.read_text())["vocab_size"])
-        except (OSError, ValueError, KeyError):
-            raise UserError(f"data.path={cfg.data.path!r}: cannot read the vocabulary size from {meta}") from None
+        from .data import read_meta
+
+        return int(read_meta(Path(cfg.data.path).expanduser(), "data.path")["vocab_size"])
     return cfg.data.vocab_size
 
 
